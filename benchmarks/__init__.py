@@ -1,0 +1,1 @@
+"""Benchmark definitions (split digits / MNIST / CIFAR, ...) and the activation-memory bench."""

@@ -1,0 +1,19 @@
+"""lance-cl: memory-frugal training and continual learning with compressed activations.
+
+Core API::
+
+    report = lance_cl.compress(model, "lance", layers=4, example_inputs=x, eps=0.7)
+    lance_cl.calibrate(model, loader, num_batches=100)
+    stats = lance_cl.measure_activation_memory(model, x, loss_fn)
+    lance_cl.uncompress(model)
+"""
+from .accounting import layer_flops, measure_activation_memory
+from .compressors import METHODS, CalibrationError, Compressor, register_method
+from .core.budget import BudgetTooSmallError
+from .wrap import CompressionReport, calibrate, compress, report, select_layers, uncompress
+
+__version__ = "0.1.0"
+
+__all__ = ["compress", "uncompress", "calibrate", "report", "select_layers",
+           "measure_activation_memory", "layer_flops", "CompressionReport", "CalibrationError",
+           "BudgetTooSmallError", "Compressor", "METHODS", "register_method", "__version__"]

@@ -1,0 +1,145 @@
+"""Gram accumulation, energy-rule truncation, subspace iteration and orthogonalisation.
+
+Every decomposition runs in float32 or better and is cast back to the caller's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .tucker import unfold
+
+
+def decomposition_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp16, bf16, fp32) is decomposed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_eps(eps: float, what: str = "eps") -> float:
+    """Validate an energy threshold: it must lie in (0, 1]."""
+    if not isinstance(eps, (int, float)) or not (0.0 < float(eps) <= 1.0):
+        raise ValueError(
+            f"{what}={eps!r} is outside (0, 1]: it is the fraction of activation energy to keep "
+            f"(e.g. 0.7 keeps 70%); pass a number in (0, 1]."
+        )
+    return float(eps)
+
+
+def mode_gram(x: Tensor, mode: int) -> Tensor:
+    """Gram matrix of the mode-``mode`` unfolding, X_(m) X_(m)^T: (n_m, n_m), in float32 or better."""
+    a = unfold(x, mode).to(decomposition_dtype(x.dtype))
+    return a @ a.t()
+
+
+def energy_rank(eigenvalues: Tensor, eps: float) -> int:
+    """Smallest r with sum_{i<=r} lambda_i >= eps * sum_i lambda_i (eigenvalues sorted descending)."""
+    check_eps(eps)
+    lam = eigenvalues.clamp_min(0)
+    cumulative = torch.cumsum(lam, 0)
+    total = cumulative[-1]
+    if total <= 0:
+        return 1
+    rank = int((cumulative < eps * total).sum().item()) + 1
+    return min(rank, lam.numel())
+
+
+def sorted_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of a symmetric PSD matrix, eigenvalues descending. Returns (lam, V)."""
+    work = gram.to(decomposition_dtype(gram.dtype))
+    lam, vec = torch.linalg.eigh(work)
+    return lam.flip(0), vec.flip(1)
+
+
+def top_eigenvectors(
+    gram: Tensor, eps: Optional[float] = None, rank: Optional[int] = None
+) -> tuple[Tensor, Tensor]:
+    """Leading eigenvectors of a Gram matrix, by energy rule ``eps`` or fixed ``rank``.
+
+    gram: (n, n). Returns (U contiguous (n, r), all eigenvalues descending (n,)).
+    """
+    if (eps is None) == (rank is None):
+        raise ValueError("top_eigenvectors needs exactly one of eps= or rank=")
+    lam, vec = sorted_eigh(gram)
+    r = energy_rank(lam, eps) if eps is not None else max(1, min(int(rank), lam.numel()))
+    return vec[:, :r].contiguous(), lam
+
+
+def orthonormalize(q: Tensor) -> Tensor:
+    """Orthonormal basis of the column span of q: (n, r) -> (n, r), QR in float32 or better."""
+    out_dtype = q.dtype
+    basis, _ = torch.linalg.qr(q.to(decomposition_dtype(q.dtype)))
+    return basis.to(out_dtype).contiguous()
+
+
+def random_orthonormal(
+    n: int, r: int, generator: torch.Generator, dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """Random (n, r) matrix with orthonormal columns, drawn from ``generator`` (never the global RNG)."""
+    gaussian = torch.randn(n, r, generator=generator, dtype=decomposition_dtype(dtype))
+    return orthonormalize(gaussian).to(device=device, dtype=dtype)
+
+
+def subspace_iteration(a: Tensor, previous: Tensor) -> Tensor:
+    """One warm-started subspace-iteration step (ASI Algorithm 1): U = orth(A A^T U_prev).
+
+    a: (n, m) unfolded activation, previous: (n, r) orthonormal. Returns (n, r) orthonormal.
+    Uses whichever association of A A^T U_prev is cheaper.
+    """
+    work = decomposition_dtype(a.dtype)
+    a = a.to(work)
+    prev = previous.to(work)
+    n, m = a.shape
+    r = prev.shape[1]
+    if n * n * m + n * n * r < 2 * n * m * r:
+        q = (a @ a.t()) @ prev
+    else:
+        q = a @ (a.t() @ prev)
+    return orthonormalize(q)
+
+
+def complement_projector_apply(gram: Tensor, basis: Optional[Tensor]) -> Tensor:
+    """(I - P P^T) C (I - P P^T) for a symmetric C: (d, d) and orthonormal P: (d, k) (or None)."""
+    if basis is None or basis.shape[1] == 0:
+        return gram
+    p = basis.to(gram.dtype)
+    cp = gram - p @ (p.t() @ gram)
+    return cp - (cp @ p) @ p.t()
+
+
+def explained_energy(gram: Tensor, basis: Tensor) -> float:
+    """Fraction of tr(C) captured by span(basis): tr(P^T C P) / tr(C)."""
+    total = torch.trace(gram)
+    if total <= 0:
+        return 1.0
+    p = basis.to(gram.dtype)
+    return float((torch.trace(p.t() @ gram @ p) / total).item())
+
+
+class GramAccumulator:
+    """Running sum of X_(m) X_(m)^T for selected modes over calibration batches.
+
+    Modes whose size changes between batches (the batch mode when the last batch is partial)
+    cannot be summed and are recorded as such; callers decide what that means.
+    """
+
+    def __init__(self, modes: Sequence[int]):
+        self.modes = tuple(modes)
+        self.grams: dict[int, Tensor] = {}
+        self.num_batches = 0
+        self.inconsistent_modes: set[int] = set()
+
+    def update(self, x: Tensor) -> None:
+        """Add one batch. x: the activation in its layout's modes."""
+        with torch.no_grad():
+            for m in self.modes:
+                g = mode_gram(x, m)
+                if m not in self.grams:
+                    self.grams[m] = g
+                elif self.grams[m].shape != g.shape:
+                    self.inconsistent_modes.add(m)
+                else:
+                    self.grams[m] += g
+        self.num_batches += 1

@@ -1,0 +1,81 @@
+"""Mode unfolding and mode products: the only place tensors are unfolded or projected.
+
+Notation (SPEC 3.1): ``unfold(x, m)`` is the matrix X_(m) whose rows are indexed by mode ``m`` and
+whose columns run over all other modes. ``mode_product(x, M, m)`` multiplies every mode-m fibre by
+``M``. A Tucker representation is a core ``G`` plus one factor per mode, ``None`` where the mode is
+kept at full size: ``x_hat = G x_0 U_0 x_1 U_1 ...``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+Factors = Sequence[Optional[Tensor]]
+
+
+def unfold(x: Tensor, mode: int) -> Tensor:
+    """Mode-``mode`` unfolding. x: (n_0, ..., n_{d-1}) -> (n_mode, prod of the other n)."""
+    return x.movedim(mode, 0).reshape(x.shape[mode], -1)
+
+
+def fold(matrix: Tensor, mode: int, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`unfold`. matrix: (shape[mode], prod others) -> tensor of ``shape``."""
+    moved = [shape[mode]] + [s for i, s in enumerate(shape) if i != mode]
+    return matrix.reshape(moved).movedim(0, mode)
+
+
+def mode_product(x: Tensor, matrix: Tensor, mode: int) -> Tensor:
+    """``x x_mode matrix``. x: (..., n, ...), matrix: (m, n) -> (..., m, ...) with m at ``mode``."""
+    if matrix.dtype != x.dtype:   # under autocast an earlier product may already be low precision
+        matrix = matrix.to(x.dtype)
+    out = torch.tensordot(x, matrix, dims=([mode], [1]))  # new mode lands last
+    return out.movedim(-1, mode)
+
+
+def project(x: Tensor, factors: Factors) -> Tensor:
+    """Core ``G = x x_m U_m^T`` over every mode whose factor is not None. U_m: (n_m, r_m).
+
+    Modes are contracted in the order that shrinks the tensor most first, which minimises work.
+    The result is contiguous, so saving it never keeps ``x`` alive.
+    """
+    order = sorted(
+        (m for m, u in enumerate(factors) if u is not None),
+        key=lambda m: factors[m].shape[1] / factors[m].shape[0],
+    )
+    core = x
+    for m in order:
+        core = mode_product(core, factors[m].t(), m)
+    return core.contiguous()
+
+
+def reconstruct(core: Tensor, factors: Factors, modes: Optional[Sequence[int]] = None) -> Tensor:
+    """``core x_m U_m`` for the given ``modes`` (default: every mode with a factor)."""
+    if modes is None:
+        modes = [m for m, u in enumerate(factors) if u is not None]
+    out = core
+    for m in modes:
+        if factors[m] is not None:
+            out = mode_product(out, factors[m], m)
+    return out
+
+
+def core_shape(shape: Sequence[int], factors: Factors) -> tuple[int, ...]:
+    """Shape of the core for an input of ``shape``: compressed modes take their rank."""
+    return tuple(n if u is None else u.shape[1] for n, u in zip(shape, factors))
+
+
+def tucker_bytes(shape: Sequence[int], factors: Factors, element_size: int) -> int:
+    """Bytes of core + factors for an input of ``shape`` (SPEC 3.1). A factor whose row count does
+    not match its mode (a fixed batch factor on a batch of another size) counts as uncompressed."""
+    core = 1
+    extra = 0
+    for m, n in enumerate(shape):
+        u = factors[m] if m < len(factors) else None
+        if u is None or u.shape[0] != n:
+            core *= n
+        else:
+            core *= u.shape[1]
+            extra += u.numel()
+    return (core + extra) * element_size

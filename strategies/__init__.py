@@ -1,0 +1,1 @@
+"""Named strategy recipes; filled by the continual-learning issue."""

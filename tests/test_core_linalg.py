@@ -1,0 +1,240 @@
+"""Mode algebra, energy rule, subspace iteration, budget solver and gradient filtering against
+independent truths (numpy, brute force, explicit loops)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lance_cl.core.budget import BudgetTooSmallError, select_under_budget
+from lance_cl.core.conv2d import ConvSpec, GradientFilterConv2dFunction
+from lance_cl.core.linalg import (GramAccumulator, check_eps, complement_projector_apply,
+                                  energy_rank, explained_energy, mode_gram, orthonormalize,
+                                  random_orthonormal, subspace_iteration, top_eigenvectors)
+from lance_cl.core.tucker import (core_shape, fold, mode_product, project, reconstruct,
+                                  tucker_bytes, unfold)
+
+DT = torch.float64
+
+
+def test_unfold_matches_definition_and_fold_inverts():
+    x = torch.arange(2 * 3 * 4, dtype=DT).reshape(2, 3, 4)
+    a = unfold(x, 1)
+    assert a.shape == (3, 8)
+    # row i of X_(1) holds every entry with index i in mode 1
+    for i in range(3):
+        assert sorted(a[i].tolist()) == sorted(x[:, i, :].flatten().tolist())
+    for m in range(3):
+        torch.testing.assert_close(fold(unfold(x, m), m, x.shape), x)
+
+
+def test_mode_product_against_einsum():
+    x = torch.randn(2, 3, 4, dtype=DT)
+    m = torch.randn(5, 3, dtype=DT)
+    torch.testing.assert_close(mode_product(x, m, 1), torch.einsum("aib,ji->ajb", x, m))
+    torch.testing.assert_close(unfold(mode_product(x, m, 1), 1), m @ unfold(x, 1))
+
+
+def test_project_reconstruct_full_bases_is_identity_and_core_shape():
+    x = torch.randn(3, 4, 5, dtype=DT)
+    factors = [None, torch.linalg.qr(torch.randn(4, 4, dtype=DT))[0],
+               torch.linalg.qr(torch.randn(5, 5, dtype=DT))[0]]
+    torch.testing.assert_close(reconstruct(project(x, factors), factors), x)
+    half = [None, factors[1][:, :2].contiguous(), None]
+    assert project(x, half).shape == core_shape(x.shape, half) == (3, 2, 5)
+    assert project(x, half).is_contiguous()
+
+
+def test_tucker_bytes_counts_core_and_factors():
+    u = torch.zeros(10, 3)
+    assert tucker_bytes((4, 10, 6), [None, u, None], 4) == (4 * 3 * 6 + 30) * 4
+    # a batch factor of another batch size does not apply: that mode stays full
+    assert tucker_bytes((5, 10), [torch.zeros(4, 2), None], 2) == 5 * 10 * 2
+
+
+@pytest.mark.parametrize("eps,expected", [(0.4, 1), (0.7, 2), (0.71, 3), (0.9, 3), (0.91, 4),
+                                          (1.0, 4)])
+def test_energy_rank_hand_computed(eps, expected):
+    # cumulative energy of [4, 3, 2, 1] / 10: 0.4, 0.7, 0.9, 1.0
+    assert energy_rank(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=DT), eps) == expected
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.0001, 2, float("nan"), "0.5"])
+def test_eps_outside_unit_interval_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+        check_eps(bad)
+
+
+def test_top_eigenvectors_match_numpy_svd():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 3)) @ rng.standard_normal((3, 40)) + 0.01 * rng.standard_normal((6, 40))
+    x = torch.from_numpy(a)
+    u, lam = top_eigenvectors(mode_gram(x, 0), eps=0.999)
+    un, s, _ = np.linalg.svd(a, full_matrices=False)
+    np.testing.assert_allclose(lam.numpy(), s ** 2, rtol=1e-9, atol=1e-9)
+    energy = np.cumsum(s ** 2) / np.sum(s ** 2)
+    assert u.shape[1] == int(np.searchsorted(energy, 0.999) + 1)
+    # same subspace: projectors agree
+    r = u.shape[1]
+    np.testing.assert_allclose((u @ u.T).numpy(), un[:, :r] @ un[:, :r].T, atol=1e-8)
+
+
+def test_gram_accumulator_equals_gram_of_concatenation():
+    batches = [torch.randn(5, 3, 4, dtype=DT) for _ in range(3)] + [torch.randn(2, 3, 4, dtype=DT)]
+    acc = GramAccumulator(modes=(0, 1, 2))
+    for b in batches:
+        acc.update(b)
+    full = torch.cat(batches)
+    torch.testing.assert_close(acc.grams[1], mode_gram(full, 1))
+    torch.testing.assert_close(acc.grams[2], mode_gram(full, 2))
+    assert acc.num_batches == 4
+    assert 0 in acc.inconsistent_modes       # the partial last batch cannot join the batch Gram
+    torch.testing.assert_close(acc.grams[0], sum(mode_gram(b, 0) for b in batches[:3]))
+
+
+def test_subspace_iteration_step_and_convergence():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=DT))[0]
+    spectrum = torch.tensor([10.0, 8.0, 6.0] + [0.1] * 17, dtype=DT)
+    a = basis @ torch.diag(spectrum) @ torch.randn(20, 50, generator=g, dtype=DT) / 7
+    u0 = random_orthonormal(20, 3, torch.Generator().manual_seed(1), DT)
+    u1 = subspace_iteration(a, u0)
+    # one step = orth(A A^T U0): same column span as the explicit product
+    q = torch.linalg.qr(a @ a.t() @ u0)[0]
+    torch.testing.assert_close(u1 @ u1.t(), q @ q.t())
+    torch.testing.assert_close(u1.t() @ u1, torch.eye(3, dtype=DT))
+    u = u1
+    for _ in range(30):
+        u = subspace_iteration(a, u)
+    top = torch.linalg.svd(a)[0][:, :3]
+    torch.testing.assert_close(u @ u.t(), top @ top.t(), atol=1e-6, rtol=0)
+
+
+def test_random_starts_never_touch_the_global_rng():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    random_orthonormal(10, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(state, torch.get_rng_state())
+    a = random_orthonormal(10, 3, torch.Generator().manual_seed(0))
+    b = random_orthonormal(10, 3, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+
+
+def test_orthonormalize_low_precision_runs_in_float32():
+    q = orthonormalize(torch.randn(16, 4).to(torch.bfloat16))
+    assert q.dtype == torch.bfloat16
+    torch.testing.assert_close(q.float().t() @ q.float(), torch.eye(4), atol=2e-2, rtol=0)
+
+
+def test_complement_projection_and_explained_energy():
+    c = torch.randn(6, 6, dtype=DT)
+    c = c @ c.t()
+    p = torch.linalg.qr(torch.randn(6, 2, dtype=DT))[0]
+    proj = torch.eye(6, dtype=DT) - p @ p.t()
+    torch.testing.assert_close(complement_projector_apply(c, p), proj @ c @ proj)
+    expected = torch.trace(p.t() @ c @ p) / torch.trace(c)
+    assert explained_energy(c, p) == pytest.approx(expected.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# budget solver
+
+def brute_force(options, budget):
+    best, pick = float("inf"), None
+    for combo in itertools.product(*[range(len(o)) for o in options]):
+        mem = sum(options[i][j][0] for i, j in enumerate(combo))
+        err = sum(options[i][j][1] for i, j in enumerate(combo))
+        if mem <= budget and err < best:
+            best, pick = err, combo
+    return best, pick
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_budget_dp_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    options = []
+    for _ in range(5):
+        mem = np.sort(rng.uniform(10, 100, size=4))
+        err = np.sort(rng.uniform(0, 5, size=4))[::-1]      # more memory, less error
+        options.append(list(zip(mem.tolist(), err.tolist())))
+    budget = float(sum(o[0][0] for o in options) + rng.uniform(20, 150))
+    picks = select_under_budget(options, budget, resolution=20000)
+    err = sum(options[i][j][1] for i, j in enumerate(picks))
+    mem = sum(options[i][j][0] for i, j in enumerate(picks))
+    best, _ = brute_force(options, budget)
+    assert mem <= budget
+    assert err == pytest.approx(best, rel=1e-3, abs=0.02)
+
+
+def test_budget_twenty_layers_is_feasible_and_beats_minimum_memory_choice():
+    rng = np.random.default_rng(1)
+    options = [list(zip(np.sort(rng.uniform(1e3, 1e5, 6)).tolist(),
+                        np.sort(rng.uniform(0, 1, 6))[::-1].tolist())) for _ in range(20)]
+    budget = sum(o[2][0] for o in options)
+    picks = select_under_budget(options, budget)
+    assert sum(options[i][j][0] for i, j in enumerate(picks)) <= budget
+    # at least as good as the feasible all-third-option combination
+    assert sum(options[i][j][1] for i, j in enumerate(picks)) <= sum(o[2][1] for o in options)
+
+
+def test_budget_below_minimum_is_a_clear_error():
+    with pytest.raises(BudgetTooSmallError, match="at least 30"):
+        select_under_budget([[(10, 1.0), (20, 0.5)], [(20, 1.0)]], budget=25)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient filtering
+
+def filtered_weight_grad_loop(x, gy, w_shape, spec, radius):
+    """Independent, loop-based statement of the gradient-filter rule (see filtered_input)."""
+    c_out, c_group, kh, kw = w_shape
+    ph, pw = spec.padding
+    xp = F.pad(x, (pw, pw, ph, ph))
+    sh, sw = spec.stride
+    ho, wo = gy.shape[-2:]
+    dw = torch.zeros(c_out, c_group, dtype=x.dtype)
+    og = c_out // spec.groups
+    for b in range(x.shape[0]):
+        for i in range(0, ho, radius):
+            for j in range(0, wo, radius):
+                region = xp[b, :, i * sh:(i + radius) * sh, j * sw:(j + radius) * sw]
+                mean = torch.zeros(x.shape[1], dtype=x.dtype)
+                mean += region.sum((1, 2)) / (radius * sh * radius * sw)
+                gsum = gy[b, :, i:i + radius, j:j + radius].sum((1, 2))
+                for o in range(c_out):
+                    g = o // og
+                    dw[o] += gsum[o] * mean[g * c_group:(g + 1) * c_group]
+    return dw[:, :, None, None].expand(w_shape)
+
+
+@pytest.mark.parametrize("case", [(4, 6, 3, 1, 1, 1), (4, 6, 3, 2, 1, 1), (4, 8, 3, 1, 1, 2),
+                                  (4, 4, 3, 1, 1, 4)])
+def test_gradient_filter_against_loop_definition(case):
+    c_in, c_out, k, s, p, g = case
+    spec = ConvSpec.build((k, k), s, p, 1, g)
+    x = torch.randn(2, c_in, 9, 7, dtype=DT, requires_grad=True)
+    w = torch.randn(c_out, c_in // g, k, k, dtype=DT, requires_grad=True)
+    y, _ = GradientFilterConv2dFunction.apply(x, w, None, spec, 2)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y2 = F.conv2d(x2, w2, None, s, p, 1, g)
+    y2.backward(gy)
+    torch.testing.assert_close(y, y2)                  # exact output
+    torch.testing.assert_close(x.grad, x2.grad)        # exact grad_input
+    torch.testing.assert_close(w.grad, filtered_weight_grad_loop(x.detach(), gy, w.shape, spec, 2))
+
+
+def test_gradient_filter_radius_one_pointwise_is_exact():
+    spec = ConvSpec.build((1, 1), 1, 0, 1, 1)
+    x = torch.randn(3, 4, 5, 5, dtype=DT)
+    w = torch.randn(6, 4, 1, 1, dtype=DT, requires_grad=True)
+    y, _ = GradientFilterConv2dFunction.apply(x, w, None, spec, 1)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    w2 = w.detach().clone().requires_grad_()
+    F.conv2d(x, w2).backward(gy)
+    torch.testing.assert_close(w.grad, w2.grad)
