@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from .core.linalg import (GramAccumulator, check_eps, energy_rank, mode_gram, random_orthonormal,
                           sorted_eigh, subspace_iteration, top_eigenvectors)
-from .core.tucker import unfold
 
 METHODS: dict[str, type["Compressor"]] = {}
 
@@ -361,7 +360,7 @@ class ASI(_EnergyOrBudget):
             r = min(int(self.rank_per_mode[m]), n)
             if previous is None or previous.shape[0] != n:
                 previous = random_orthonormal(n, r, self.generator, view.dtype, view.device)
-            u = subspace_iteration(unfold(view, m), previous[:, :r])
+            u = subspace_iteration(view, m, previous[:, :r])
             u = u.to(view.dtype)
             self.set_factor(m, u)
             out[m] = u

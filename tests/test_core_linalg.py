@@ -14,7 +14,7 @@ from lance_cl.core.conv2d import ConvSpec, GradientFilterConv2dFunction
 from lance_cl.core.linalg import (GramAccumulator, check_eps, complement_projector_apply,
                                   energy_rank, explained_energy, mode_gram, orthonormalize,
                                   random_orthonormal, subspace_iteration, top_eigenvectors)
-from lance_cl.core.tucker import (core_shape, fold, mode_product, project, reconstruct,
+from lance_cl.core.tucker import (core_shape, fold, mode_contract, mode_product, project, reconstruct,
                                   tucker_bytes, unfold)
 
 DT = torch.float64
@@ -29,6 +29,13 @@ def test_unfold_matches_definition_and_fold_inverts():
         assert sorted(a[i].tolist()) == sorted(x[:, i, :].flatten().tolist())
     for m in range(3):
         torch.testing.assert_close(fold(unfold(x, m), m, x.shape), x)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_mode_contract_equals_unfolded_product(mode):
+    x = torch.randn(3, 4, 5, dtype=DT)
+    y = torch.randn(*(2 if m == mode else n for m, n in enumerate(x.shape)), dtype=DT)
+    torch.testing.assert_close(mode_contract(x, y, mode), unfold(x, mode) @ unfold(y, mode).t())
 
 
 def test_mode_product_against_einsum():
@@ -101,14 +108,14 @@ def test_subspace_iteration_step_and_convergence():
     spectrum = torch.tensor([10.0, 8.0, 6.0] + [0.1] * 17, dtype=DT)
     a = basis @ torch.diag(spectrum) @ torch.randn(20, 50, generator=g, dtype=DT) / 7
     u0 = random_orthonormal(20, 3, torch.Generator().manual_seed(1), DT)
-    u1 = subspace_iteration(a, u0)
+    u1 = subspace_iteration(a, 0, u0)
     # one step = orth(A A^T U0): same column span as the explicit product
     q = torch.linalg.qr(a @ a.t() @ u0)[0]
     torch.testing.assert_close(u1 @ u1.t(), q @ q.t())
     torch.testing.assert_close(u1.t() @ u1, torch.eye(3, dtype=DT))
     u = u1
     for _ in range(30):
-        u = subspace_iteration(a, u)
+        u = subspace_iteration(a, 0, u)
     top = torch.linalg.svd(a)[0][:, :3]
     torch.testing.assert_close(u @ u.t(), top @ top.t(), atol=1e-6, rtol=0)
 

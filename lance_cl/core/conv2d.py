@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from .tucker import mode_product, project, reconstruct
+from .tucker import mode_contract, mode_product, project, reconstruct
 
 LAYOUTS = ("tensor", "patch")
 Padding = Union[str, int, Sequence[int]]
@@ -175,7 +175,7 @@ def tucker_conv2d_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
     if layout == "patch":
         u_batch, u_fan_in, u_pos = factors
         gy = project(grad_output.flatten(2), (u_batch, None, u_pos))       # (N, C_out, l)
-        m = torch.einsum("nol,nfl->of", gy, core)                           # (C_out, f)
+        m = mode_contract(gy, core, 1)                                      # (C_out, f)
         dw = lift_grouped(m, u_fan_in, conv.groups) if u_fan_in is not None \
             else block_diagonal(m, conv.groups)
         return dw.reshape(weight_shape)

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .tucker import unfold
+from .tucker import mode_contract, mode_product
 
 
 def decomposition_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,8 +29,8 @@ def check_eps(eps: float, what: str = "eps") -> float:
 
 def mode_gram(x: Tensor, mode: int) -> Tensor:
     """Gram matrix of the mode-``mode`` unfolding, X_(m) X_(m)^T: (n_m, n_m), in float32 or better."""
-    a = unfold(x, mode).to(decomposition_dtype(x.dtype))
-    return a @ a.t()
+    x = x.to(decomposition_dtype(x.dtype))
+    return mode_contract(x, x, mode)
 
 
 def energy_rank(eigenvalues: Tensor, eps: float) -> int:
@@ -82,22 +82,16 @@ def random_orthonormal(
     return orthonormalize(gaussian).to(device=device, dtype=dtype)
 
 
-def subspace_iteration(a: Tensor, previous: Tensor) -> Tensor:
-    """One warm-started subspace-iteration step (ASI Algorithm 1): U = orth(A A^T U_prev).
+def subspace_iteration(x: Tensor, mode: int, previous: Tensor) -> Tensor:
+    """One warm-started subspace-iteration step (ASI Algorithm 1) on mode ``mode`` of ``x``:
+    U = orth(X_(m) X_(m)^T U_prev), computed as X_(m) (X_(m)^T U_prev) without unfolding x.
 
-    a: (n, m) unfolded activation, previous: (n, r) orthonormal. Returns (n, r) orthonormal.
-    Uses whichever association of A A^T U_prev is cheaper.
+    x: (..., n, ...), previous: (n, r) orthonormal. Returns (n, r) orthonormal.
     """
-    work = decomposition_dtype(a.dtype)
-    a = a.to(work)
-    prev = previous.to(work)
-    n, m = a.shape
-    r = prev.shape[1]
-    if n * n * m + n * n * r < 2 * n * m * r:
-        q = (a @ a.t()) @ prev
-    else:
-        q = a @ (a.t() @ prev)
-    return orthonormalize(q)
+    work = decomposition_dtype(x.dtype)
+    x = x.to(work)
+    projected = mode_product(x, previous.to(work).t(), mode)     # X x_m U^T: r at ``mode``
+    return orthonormalize(mode_contract(x, projected, mode))
 
 
 def complement_projector_apply(gram: Tensor, basis: Optional[Tensor]) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tucker import project
+from .tucker import mode_contract, project
 
 
 def tucker_linear_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
@@ -24,7 +24,7 @@ def tucker_linear_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
     """
     leading = list(factors[:-1]) + [None]
     gy = project(grad_output, leading)                                    # (r_0, ..., O)
-    m = gy.reshape(-1, gy.shape[-1]).t() @ core.reshape(-1, core.shape[-1])   # (O, r_I)
+    m = mode_contract(gy, core, gy.dim() - 1)                             # (O, r_I)
     u_fan_in = factors[-1]
     return m if u_fan_in is None else m @ u_fan_in.t()
 

@@ -7,6 +7,7 @@ kept at full size: ``x_hat = G x_0 U_0 x_1 U_1 ...``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -27,11 +28,40 @@ def fold(matrix: Tensor, mode: int, shape: Sequence[int]) -> Tensor:
 
 
 def mode_product(x: Tensor, matrix: Tensor, mode: int) -> Tensor:
-    """``x x_mode matrix``. x: (..., n, ...), matrix: (m, n) -> (..., m, ...) with m at ``mode``."""
+    """``x x_mode matrix``. x: (..., n, ...), matrix: (m, n) -> (..., m, ...) with m at ``mode``.
+
+    Computed as a (batched) matmul on the (before, n, after) view of x, so x is never permuted
+    or copied.
+    """
     if matrix.dtype != x.dtype:   # under autocast an earlier product may already be low precision
         matrix = matrix.to(x.dtype)
-    out = torch.tensordot(x, matrix, dims=([mode], [1]))  # new mode lands last
-    return out.movedim(-1, mode)
+    shape = x.shape
+    before = math.prod(shape[:mode])
+    after = math.prod(shape[mode + 1:])
+    if after == 1:
+        out = x.reshape(before, shape[mode]) @ matrix.t()
+    elif before == 1:
+        out = matrix @ x.reshape(shape[mode], after)
+    else:
+        out = torch.matmul(matrix, x.reshape(before, shape[mode], after))
+    return out.reshape(*shape[:mode], matrix.shape[0], *shape[mode + 1:])
+
+
+def mode_contract(x: Tensor, y: Tensor, mode: int) -> Tensor:
+    """Contract two tensors over every mode except ``mode``: X_(m) Y_(m)^T without unfolding.
+
+    x: (..., n, ...), y: (..., k, ...) with equal other modes -> (n, k). Works on (before, n,
+    after) views, so neither tensor is permuted or copied.
+    """
+    n, k = x.shape[mode], y.shape[mode]
+    before = math.prod(x.shape[:mode])
+    x3 = x.reshape(before, n, -1)
+    y3 = y.reshape(before, k, -1)
+    if before == 1:
+        return x3[0] @ y3[0].t()
+    if x3.shape[2] == 1:
+        return x3[:, :, 0].t() @ y3[:, :, 0]
+    return torch.bmm(x3, y3.transpose(1, 2)).sum(0)
 
 
 def project(x: Tensor, factors: Factors) -> Tensor:
