@@ -224,11 +224,21 @@ class _EnergyOrBudget(Compressor):
         if self.budget is not None and eps is None:
             return  # the budget solver picks eps and calls again
         factors = self.factors_for_eps(eps)
-        for m, u in enumerate(factors):
-            self.set_factor(m, u)
         if eps is not None:
             self.eps = eps
-        self._factors_fixed(factors)
+        self.fix_factors(factors)
+
+    def calibration_grams(self) -> dict[int, Tensor]:
+        """Gram matrix per compressed mode gathered by the calibration pass (before it is fixed)."""
+        return dict(self._calibration_grams())
+
+    def fix_factors(self, factors: Sequence[Optional[Tensor]]) -> None:
+        """Use these factors (one (n_m, r_m) or None per mode) from now on and drop the
+        calibration state. Callers that choose their own subspaces (LanceCLPlugin) use this."""
+        self.calibrating = False
+        for m, u in enumerate(factors):
+            self.set_factor(m, u)
+        self._factors_fixed(list(factors))
         for attr in ("_eigen",) + self._calibration_attrs:
             if hasattr(self, attr):
                 delattr(self, attr)

@@ -190,6 +190,11 @@ def uncompress(model: nn.Module) -> nn.Module:
     return model
 
 
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` without compression buffers: loads into the plain model."""
+    return {k: v for k, v in model.state_dict().items() if "compressor" not in k.split(".")}
+
+
 def _activation_bytes(layer: CompressedLayer) -> tuple[Optional[int], Optional[int]]:
     """(bytes vanilla saves, bytes this layer saves) for its last seen input, analytically."""
     shape = layer.last_input_shape
@@ -247,13 +252,16 @@ def _to_device(batch: Any, device: Optional[torch.device]) -> Any:
 def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[int] = None, *,
               forward: Callable[[nn.Module, Any], Any] = _default_forward,
               loss_fn: Callable[[Any, Any], Tensor] = _default_loss,
-              device: Optional[torch.device] = None, progress: bool = True) -> CompressionReport:
+              device: Optional[torch.device] = None, progress: bool = True,
+              finish: bool = True) -> CompressionReport:
     """One calibration pass: every compressed layer that needs it observes ``num_batches`` batches
     (default: all) in eval mode without gradients, then fixes its factors.
 
     ``batches`` yields inputs or (inputs, targets, ...) tuples (a DataLoader works). Layers with a
     byte ``budget`` then get their ranks from gradient errors measured on the first batch with
     ``loss_fn(forward(model, batch), batch)`` (default: cross-entropy on batch[1]).
+    ``finish=False`` leaves the gathered Gram matrices in the layers for a caller that chooses
+    its own subspaces (``layer.compressor.calibration_grams()`` then ``fix_factors(...)``).
     """
     layers = {n: l for n, l in compressed_layers(model).items() if l.compressor.needs_calibration}
     if not layers:
@@ -280,12 +288,15 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
                 seen += 1
         if seen == 0:
             raise ValueError("calibrate() got no batch: pass a non-empty iterable of batches")
-        for layer in layers.values():
-            layer.compressor.finish_calibration()
+        if finish:
+            for layer in layers.values():
+                layer.compressor.finish_calibration()
     finally:
         for layer in layers.values():
             layer.compressor.calibrating = False
         model.train(was_training)
+    if not finish:
+        return report(model)
     budgeted = {n: l for n, l in layers.items() if getattr(l.compressor, "budget", None) is not None}
     if budgeted:
         _resolve_budgets(model, budgeted, first, forward, loss_fn)

@@ -103,6 +103,45 @@ def complement_projector_apply(gram: Tensor, basis: Optional[Tensor]) -> Tensor:
     return cp - (cp @ p) @ p.t()
 
 
+def complement_basis(basis: Optional[Tensor], dim: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Orthonormal basis (dim, dim - k) of the orthogonal complement of span(basis) (dim, k)."""
+    if basis is None or basis.shape[1] == 0:
+        return torch.eye(dim, dtype=dtype)
+    p = basis.to(dtype)
+    lam, vec = torch.linalg.eigh(torch.eye(dim, dtype=dtype) - p @ p.t())
+    return vec[:, lam > 0.5].contiguous()
+
+
+def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
+               take_all: bool = False) -> tuple[Tensor, float]:
+    """New directions orthogonal to ``basis`` by the GPM energy rule.
+
+    gram: C (d, d) of the inputs; basis: P (d, k) orthonormal or None. With E = tr(C) and
+    a = (E - tr(C_res)) / E the energy P already covers (C_res = (I - PP^T) C (I - PP^T)), add
+    eigenvectors of C_res (energy mu_i / E, descending) until a + sum mu_i / E >= eps.
+    ``take_all`` returns the whole complement, ordered by energy. The eigenproblem is solved in
+    complement coordinates, so the result is orthogonal to P even along zero-energy directions.
+    Returns (U (d, r) orthonormal, possibly r = 0; a).
+    """
+    check_eps(eps)
+    work = torch.float64
+    c = gram.to(work)
+    q = complement_basis(basis, c.shape[0], work)
+    if q.shape[1] == 0:
+        return torch.zeros(c.shape[0], 0, dtype=work), 1.0
+    lam, vec = sorted_eigh(q.t() @ c @ q)
+    total = torch.trace(c)
+    covered = 1.0 if total <= 0 else float(((total - lam.clamp_min(0).sum()) / total).item())
+    if take_all:
+        r = q.shape[1]
+    elif covered >= eps or total <= 0:
+        r = 0
+    else:
+        cumulative = covered + torch.cumsum(lam.clamp_min(0), 0) / total
+        r = min(int((cumulative < eps).sum().item()) + 1, q.shape[1])
+    return (q @ vec[:, :r]).contiguous(), covered
+
+
 def explained_energy(gram: Tensor, basis: Tensor) -> float:
     """Fraction of tr(C) captured by span(basis): tr(P^T C P) / tr(C)."""
     total = torch.trace(gram)

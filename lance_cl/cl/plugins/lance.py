@@ -1,0 +1,138 @@
+"""LanceCLPlugin: continual learning with compressed activations in task subspaces (SPEC 4.2).
+
+Every protected layer is a LANCE-compressed layer (Conv2d in the patch layout, so its fan-in mode
+is exactly the fan-in axis of the weight). Before task t a calibration pass gathers the fan-in Gram
+C_F; the task's training factor U_F is made of eigenvectors of (I - PP^T) C_F (I - PP^T), so it is
+orthogonal to the protected basis P by construction. The layer then stores only the core
+x x_F U_F^T (and, for convs, the output-position mode projected on its own energy subspace), and
+its weight-gradient rows lie in span(U_F): inputs of earlier tasks inside span(P) see no change.
+No gradient is ever projected and P is not needed while the task trains.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ... import wrap
+from ...core.linalg import check_eps, grow_basis, top_eigenvectors
+from ...layers import CompressedConv2d, CompressedLayer
+from .base import SubspacePlugin, forward_batch
+
+
+class LanceCLPlugin(SubspacePlugin):
+    """LANCE continual learning as an Avalanche plugin.
+
+    Args:
+        eps, eps_step: protected-energy schedule eps_t = eps + t * eps_step (GPM's thresholds).
+        train_eps: energy rule of the training factor U_F (default: eps_t, as SPEC 4.2).
+        position_eps: energy kept by the output-position mode of conv layers (None: that mode is
+            not compressed).
+        first_task: "compressed" (default: the memory claim holds on every task) or "full"
+            (published variant: task 1 trained with plain backprop).
+        calibration_batches: batches of the task used to calibrate (None: all).
+        small_layer_dim: layers with fan-in d <= this take the whole complement of P (80 in the
+            reference code).
+        basis_samples: samples of the finished task that grow P (GPM uses 125).
+        layers / exclude: which Linear/Conv2d layers are shared and protected (heads excluded).
+        allow_unsafe_optimizer: skip the optimizer guard (weight decay, Adam-like optimizers).
+    """
+
+    name = "lance"
+
+    def __init__(self, eps: float = 0.97, eps_step: float = 0.003, train_eps: Optional[float] = None,
+                 position_eps: Optional[float] = 0.95, first_task: str = "compressed",
+                 calibration_batches: Optional[int] = None, small_layer_dim: int = 80, **options):
+        super().__init__(eps=eps, eps_step=eps_step, small_layer_dim=small_layer_dim, **options)
+        if first_task not in ("compressed", "full"):
+            raise ValueError(f"first_task={first_task!r}: choose 'compressed' or 'full'")
+        self.train_eps = None if train_eps is None else check_eps(train_eps, "train_eps")
+        self.position_eps = None if position_eps is None else check_eps(position_eps, "position_eps")
+        self.first_task = first_task
+        self.calibration_batches = calibration_batches
+        self.frozen: list[str] = []
+
+    def _compress(self, model: nn.Module) -> dict[str, CompressedLayer]:
+        names = self.protected_names(model)
+        for name in names:
+            module = model.get_submodule(name)
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                raise ValueError(f"LanceCLPlugin: layer {name!r} is a grouped conv "
+                                 f"(groups={module.groups}); fan-in protection needs groups=1. "
+                                 f"Exclude it with exclude=[...] or layers=[...].")
+        if not all(isinstance(model.get_submodule(n), CompressedLayer) for n in names):
+            wrap.compress(model, "lance", layers=names, layout="patch")
+        return {n: model.get_submodule(n) for n in names}
+
+    def prepare_task(self, strategy) -> None:
+        model = strategy.model
+        layers = self._compress(model)
+        full_backprop = self.tasks_trained == 0 and self.first_task == "full"
+        for layer in layers.values():
+            layer.bypass = full_backprop
+        if full_backprop:
+            return
+        loader = self.task_loader(strategy, batch_size=strategy.train_mb_size)
+        wrap.calibrate(model, self._device_batches(loader, strategy.device),
+                       num_batches=self.calibration_batches, forward=forward_batch,
+                       progress=False, finish=False)
+        eps_t = self.train_eps if self.train_eps is not None else self.threshold(self.tasks_trained)
+        self.frozen = []
+        for name, layer in layers.items():
+            self._set_training_factors(name, layer, eps_t)
+
+    def _set_training_factors(self, name: str, layer: CompressedLayer, eps_t: float) -> None:
+        comp = layer.compressor
+        grams = comp.calibration_grams()
+        fan_in_mode = 1 if isinstance(layer, CompressedConv2d) else comp.n_modes - 1
+        d = grams[fan_in_mode].shape[0]
+        u_fan_in, covered = grow_basis(grams[fan_in_mode], self.bases.get(name), eps_t,
+                                       take_all=d <= self.small_layer_dim)
+        dtype = layer.weight.dtype
+        factors: list = [None] * comp.n_modes
+        factors[fan_in_mode] = u_fan_in.to(dtype)
+        for mode, gram in grams.items():
+            if mode != fan_in_mode and self.position_eps is not None:
+                factors[mode] = top_eigenvectors(gram, eps=self.position_eps)[0].to(dtype)
+        log = self._task_log["layers"][name]
+        log.update(train_rank=u_fan_in.shape[1], train_energy_covered_by_P=covered,
+                   ranks=[None if f is None else int(f.shape[1]) for f in factors])
+        if u_fan_in.shape[1] == 0:
+            # no direction left: the layer is frozen for this task rather than trained unprojected
+            layer.weight.requires_grad_(False)
+            self.frozen.append(name)
+            factors[fan_in_mode] = None
+        log["frozen"] = u_fan_in.shape[1] == 0
+        comp.fix_factors(factors)
+
+    def finish_task(self, strategy) -> None:
+        for name in self.frozen:
+            strategy.model.get_submodule(name).weight.requires_grad_(True)
+        self.frozen = []
+        self._factor_bytes = self._current_factor_bytes(strategy.model)
+
+    def _current_factor_bytes(self, model: nn.Module) -> int:
+        total = 0
+        for name in self.protected_names(model):
+            layer = model.get_submodule(name)
+            if isinstance(layer, CompressedLayer):
+                total += sum(u.numel() * u.element_size()
+                             for u in layer.compressor.factors() if u is not None)
+        return total
+
+    def training_extra_bytes(self) -> int:
+        """The fixed factors U_F (and position factors) held while a task trains."""
+        return getattr(self, "_factor_bytes", 0)
+
+    def state_dict(self):
+        state = super().state_dict()
+        state.update(first_task=self.first_task, train_eps=self.train_eps,
+                     position_eps=self.position_eps, factor_bytes=self.training_extra_bytes())
+        return state
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.first_task = state["first_task"]
+        self.train_eps, self.position_eps = state["train_eps"], state["position_eps"]
+        self._factor_bytes = state["factor_bytes"]

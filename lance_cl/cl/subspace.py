@@ -1,0 +1,126 @@
+"""What every subspace-protecting CL method needs: fan-in views of layer inputs, their Gram
+matrices over a task's data, the protected-layer selection and the optimizer guard."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..core.conv2d import ConvSpec, layout_view
+from ..core.linalg import mode_gram
+
+DEFAULT_EXCLUDE = ("heads", "heads.*", "*.heads.*", "classifier*", "*.classifier*")
+
+
+def fan_in_view(module: nn.Module, x: Tensor) -> Tensor:
+    """Layer input -> (N, d, L) with the fan-in axis of ``weight.view(C_out, -1)`` at mode 1.
+
+    Conv2d: im2col patches (B, C*kh*kw, L) after the layer's own padding; Linear: (tokens, I, 1).
+    """
+    if isinstance(module, nn.Conv2d):
+        spec = ConvSpec.build(module.kernel_size, module.stride, module.padding, module.dilation,
+                              module.groups, module.padding_mode)
+        return layout_view(spec.apply_pre_pad(x), module.kernel_size, spec, "patch")
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1], 1)
+    raise TypeError(f"{type(module).__name__} has no fan-in view; only Linear and Conv2d layers "
+                    f"can be protected")
+
+
+def fan_in_dim(module: nn.Module) -> int:
+    """d = fan-in of the weight (all groups together for a grouped conv)."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+    return module.in_features
+
+
+def protected_layer_names(model: nn.Module, layers: Optional[Sequence[str]] = None,
+                          exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """Linear/Conv2d modules whose weights are shared across tasks (heads excluded by name).
+
+    ``layers``: explicit name globs to protect instead of the default selection.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if layers is not None:
+            if any(fnmatch.fnmatchcase(name, pat) for pat in layers):
+                names.append(name)
+        elif not any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+            names.append(name)
+    if not names:
+        raise ValueError("no Linear/Conv2d layer to protect: check layers= / exclude=")
+    return names
+
+
+@torch.no_grad()
+def collect_fan_in_grams(model: nn.Module, names: Sequence[str], batches: Iterable[Any],
+                         forward: Callable[[nn.Module, Any], Any],
+                         max_samples: Optional[int] = None) -> dict[str, Tensor]:
+    """Sum of fan-in Gram matrices (d, d), float64, of each named layer's input over ``batches``
+    (the GPM representation matrix R R^T), using at most ``max_samples`` samples. Eval mode."""
+    grams: dict[str, Tensor] = {}
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod, inputs, output, name=name):
+            g = mode_gram(fan_in_view(mod, inputs[0].detach()).to(torch.float64), 1)
+            grams[name] = g if name not in grams else grams[name] + g
+        handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            if max_samples is not None:
+                if seen >= max_samples:
+                    break
+                batch = [b[: max_samples - seen] for b in batch]
+            forward(model, batch)
+            seen += len(batch[0])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return grams
+
+
+SAFE_OPTIMIZERS = (torch.optim.SGD,)
+
+
+class UnsafeOptimizerError(ValueError):
+    """The optimizer would move protected weights out of their allowed subspace."""
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, protected: Iterable[nn.Parameter],
+                    owner: str, allow_unsafe: bool = False) -> None:
+    """Refuse optimizers that break orthogonal protection: weight decay on a protected weight
+    (it shrinks old-task directions) and coordinate-rescaling optimizers (Adam, RMSprop, ...),
+    whose step is no longer in the span of the projected gradient."""
+    if allow_unsafe:
+        return
+    protected_ids = {id(p) for p in protected}
+    if not isinstance(optimizer, SAFE_OPTIMIZERS):
+        raise UnsafeOptimizerError(
+            f"{owner}: {type(optimizer).__name__} rescales gradient coordinates, so its updates "
+            f"leave the subspace that protects earlier tasks. Use torch.optim.SGD (momentum is "
+            f"fine: its state is reset at every task), or pass allow_unsafe_optimizer=True to "
+            f"accept forgetting.")
+    for group in optimizer.param_groups:
+        if group.get("weight_decay", 0) and any(id(p) in protected_ids for p in group["params"]):
+            raise UnsafeOptimizerError(
+                f"{owner}: weight_decay={group['weight_decay']} applies to protected weights and "
+                f"shrinks the directions earlier tasks rely on. Put protected weights in a param "
+                f"group with weight_decay=0 (heads may keep theirs), or pass "
+                f"allow_unsafe_optimizer=True.")
+
+
+def reset_momentum(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
+    """Forget optimizer state (momentum buffers) of ``params``: a buffer from an earlier task
+    holds directions that are protected now."""
+    for p in params:
+        optimizer.state.pop(p, None)

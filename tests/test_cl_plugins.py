@@ -1,0 +1,271 @@
+"""LanceCLPlugin, GPMPlugin and SGPPlugin inside real Avalanche strategies.
+
+The guarantee is tested directly: after a later task, every protected layer's weight change
+annihilates the span of the earlier tasks' protected basis, so old inputs inside that span give
+the same layer outputs.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from avalanche.benchmarks import nc_benchmark
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lance_cl.cl.plugins import GPMPlugin, LanceCLPlugin, SGPPlugin
+from lance_cl.cl.subspace import UnsafeOptimizerError
+from lance_cl.layers import CompressedLayer
+from lance_cl.models import SmallCNN
+
+PROTECTED = ["conv1", "conv2", "fc1"]
+
+
+def digits_benchmark(n_tasks=3):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target)
+    keep = y < 2 * n_tasks
+    x, y = x[keep], y[keep]
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    x, y = x[perm], y[perm]
+    cut = int(0.8 * len(y))
+    return nc_benchmark(TensorDataset(x[:cut], y[:cut]), TensorDataset(x[cut:], y[cut:]),
+                        n_experiences=n_tasks, task_labels=True,
+                        class_ids_from_zero_in_each_exp=True,
+                        fixed_class_order=list(range(2 * n_tasks)))
+
+
+def make_model(n_tasks=3):
+    torch.manual_seed(0)
+    return SmallCNN(in_channels=1, n_classes=2, n_tasks=n_tasks, input_size=8)
+
+
+def protected_names(model):
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not n.startswith("heads")]
+
+
+def strategy_with(plugin, model, lr=0.05, epochs=2, optimizer=None):
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
+    return Naive(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), train_mb_size=32,
+                 train_epochs=epochs, eval_mb_size=64, plugins=[plugin],
+                 evaluator=EvaluationPlugin(loggers=[]))
+
+
+def weights(model):
+    return {n: model.get_submodule(n).weight.detach().clone() for n in protected_names(model)}
+
+
+@pytest.mark.parametrize("plugin_cls", [LanceCLPlugin, GPMPlugin, SGPPlugin])
+def test_old_task_outputs_inside_protected_span_do_not_change(plugin_cls):
+    """LANCE-CL and GPM: exact for the whole span. SGP scales steps along basis vector i by
+    (1 - lambda_i), so only its fully important directions (lambda_i = 1) are frozen."""
+    bm = digits_benchmark()
+    model = make_model()
+    plugin = plugin_cls(eps=0.9, eps_step=0.02)
+    strategy = strategy_with(plugin, model)
+    strategy.train(bm.train_stream[0])
+    w0 = weights(model)
+    bases0 = {n: b.clone() for n, b in plugin.bases.items()}
+    importances0 = {n: v.clone() for n, v in getattr(plugin, "importances", {}).items()}
+    norm_params0 = {n: p.detach().clone() for n, p in model.named_parameters()
+                    if p.dim() == 1 and not n.startswith("heads")}
+    head0 = model.heads[0].weight.detach().clone()
+    for exp in bm.train_stream[1:]:
+        strategy.train(exp)
+    w2 = weights(model)
+    changed = False
+    for name, basis in bases0.items():
+        p = basis.double()
+        if plugin_cls is SGPPlugin:
+            # importances only grow (accumulated, clipped), so lambda_i = 1 after task 1 stays 1
+            p = p[:, importances0[name] >= 1 - 1e-6]
+        assert p.shape[1] > 0
+        delta = (w2[name] - w0[name]).double().reshape(w0[name].shape[0], -1)
+        changed |= delta.abs().max() > 1e-4
+        # the weight change annihilates span(P): old inputs in the span give the same output
+        assert (delta @ p).abs().max() < 1e-4 * max(1.0, delta.abs().max().item())
+        x_old = (p @ torch.randn(p.shape[1], 5, dtype=torch.float64)).t()     # 5 inputs in span(P)
+        before = x_old @ w0[name].double().reshape(w0[name].shape[0], -1).t()
+        after = x_old @ w2[name].double().reshape(w2[name].shape[0], -1).t()
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-4)
+    assert changed, "later tasks must still learn"
+    for n, v in norm_params0.items():     # BN affine / biases frozen after the first task
+        torch.testing.assert_close(dict(model.named_parameters())[n].detach(), v)
+    torch.testing.assert_close(model.heads[0].weight.detach(), head0)
+
+
+@pytest.mark.parametrize("plugin_cls", [LanceCLPlugin, GPMPlugin, SGPPlugin])
+def test_grown_bases_are_orthonormal_and_extend_earlier_ones(plugin_cls):
+    bm = digits_benchmark()
+    model = make_model()
+    plugin = plugin_cls(eps=0.9, eps_step=0.03)
+    strategy = strategy_with(plugin, model, epochs=1)
+    history = []
+    for exp in bm.train_stream:
+        strategy.train(exp)
+        history.append({n: b.clone() for n, b in plugin.bases.items()})
+    for name, final in history[-1].items():
+        gram = final.double().t() @ final.double()
+        torch.testing.assert_close(gram, torch.eye(final.shape[1], dtype=torch.float64),
+                                   atol=1e-5, rtol=0)
+        for earlier in history[:-1]:
+            k = earlier[name].shape[1]
+            assert k <= final.shape[1]
+            torch.testing.assert_close(final[:, :k], earlier[name])
+
+
+def test_lance_training_factor_is_orthogonal_to_protected_basis_and_cores_are_small():
+    bm = digits_benchmark()
+    model = make_model()
+    plugin = LanceCLPlugin(eps=0.9, eps_step=0.02)
+    strategy = strategy_with(plugin, model, epochs=1)
+    strategy.train(bm.train_stream[0])
+    bases = {n: b.clone() for n, b in plugin.bases.items()}
+    # calibrate task 2 without training: factors are fixed in before_training_exp
+    checked = {}
+    orig = plugin.prepare_task
+
+    def prepare_and_check(strat):
+        orig(strat)
+        for name in PROTECTED:
+            layer = model.get_submodule(name)
+            assert isinstance(layer, CompressedLayer)
+            fan_in = 1 if isinstance(layer, nn.Conv2d) else layer.compressor.n_modes - 1
+            u = layer.compressor.factor(fan_in)
+            if u is None:
+                assert name in plugin.frozen
+                continue
+            assert (u.double().t() @ bases[name].double()).abs().max() < 1e-5
+            checked[name] = u.shape[1]
+    plugin.prepare_task = prepare_and_check
+    strategy.train(bm.train_stream[1])
+    assert checked
+    log = plugin.layer_log[1]["layers"]
+    for name, rank in checked.items():
+        assert log[name]["train_rank"] == rank
+
+
+def test_first_task_full_backprop_variant_trains_task_one_uncompressed():
+    bm = digits_benchmark(2)
+    model = make_model(2)
+    plugin = LanceCLPlugin(eps=0.9, first_task="full")
+    strategy = strategy_with(plugin, model, epochs=1)
+    strategy.train(bm.train_stream[0])
+    assert all(model.get_submodule(n).bypass for n in PROTECTED)
+    strategy.train(bm.train_stream[1])
+    assert not any(model.get_submodule(n).bypass for n in PROTECTED)
+
+
+def test_layer_with_nothing_left_is_frozen_for_the_task():
+    bm = digits_benchmark(2)
+    model = make_model(2)
+    plugin = LanceCLPlugin(eps=0.9, small_layer_dim=0)
+    strategy = strategy_with(plugin, model, epochs=1)
+    strategy.train(bm.train_stream[0])
+    d = plugin.bases["conv1"].shape[0]
+    plugin.bases["conv1"] = torch.eye(d)          # everything protected
+    w = model.conv1.weight.detach().clone()
+    strategy.train(bm.train_stream[1])
+    assert plugin.layer_log[1]["layers"]["conv1"]["frozen"]
+    torch.testing.assert_close(model.conv1.weight.detach(), w)
+    assert model.conv1.weight.requires_grad       # unfrozen again after the task
+
+
+def test_unsafe_optimizers_are_refused_unless_allowed():
+    bm = digits_benchmark(2)
+    for opt_fn, match in [(lambda p: torch.optim.Adam(p, lr=1e-3), "Adam rescales"),
+                          (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-4), "weight_decay")]:
+        for cls in (LanceCLPlugin, GPMPlugin):
+            model = make_model(2)
+            strategy = strategy_with(cls(), model, optimizer=opt_fn(model.parameters()))
+            with pytest.raises(UnsafeOptimizerError, match=match):
+                strategy.train(bm.train_stream[0])
+    model = make_model(2)
+    strategy = strategy_with(GPMPlugin(allow_unsafe_optimizer=True), model,
+                             optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), epochs=1)
+    strategy.train(bm.train_stream[0])
+    assert strategy.plugins[0].tasks_trained == 1
+
+
+def test_momentum_state_is_reset_at_each_task():
+    bm = digits_benchmark(2)
+    model = make_model(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    plugin = GPMPlugin(eps=0.9)
+    strategy = strategy_with(plugin, model, optimizer=opt, epochs=1)
+    strategy.train(bm.train_stream[0])
+    w = model.get_submodule("fc1").weight
+    assert "momentum_buffer" in opt.state[w]
+    seen = {}
+    orig = plugin.prepare_task
+
+    def spy(strat):
+        seen["state"] = dict(strat.optimizer.state.get(w, {}))
+        orig(strat)
+    plugin.prepare_task = spy
+    strategy.train(bm.train_stream[1])
+    assert seen["state"] == {}
+
+
+def test_gpm_projects_gradients_and_sgp_importances_follow_the_formula():
+    bm = digits_benchmark(2)
+    model = make_model(2)
+    plugin = SGPPlugin(eps=0.9, alpha=10.0)
+    strategy = strategy_with(plugin, model, epochs=1)
+    strategy.train(bm.train_stream[0])
+    # first task: importances from the singular values of the representation
+    from lance_cl.cl.plugins.base import forward_batch
+    from lance_cl.cl.subspace import collect_fan_in_grams
+    loader = torch.utils.data.DataLoader(bm.train_stream[0].dataset.eval(), batch_size=128)
+    grams = collect_fan_in_grams(model, ["fc1"], loader, forward_batch, max_samples=125)
+    p = plugin.bases["fc1"].double()
+    s = torch.einsum("dk,de,ek->k", p, grams["fc1"], p).sqrt()
+    expected = 11 * s / (10 * s + s.max())
+    torch.testing.assert_close(plugin.importances["fc1"].double(), expected, rtol=1e-4, atol=1e-5)
+    # projection in after_backward: g <- g - g M diag(lambda) M^T
+    gpm = GPMPlugin(eps=0.9)
+    gpm.bases = {"fc1": plugin.bases["fc1"].clone()}
+    gpm._names = ["fc1"]
+    gpm._projections = {"fc1": gpm.projection_matrix("fc1")}
+    model.fc1.weight.grad = torch.randn_like(model.fc1.weight)
+    gpm.after_backward(type("S", (), {"model": model})())
+    assert (model.fc1.weight.grad.double() @ p).abs().max() < 1e-5
+
+
+def test_plugin_state_round_trips():
+    bm = digits_benchmark(2)
+    model = make_model(2)
+    plugin = SGPPlugin(eps=0.9)
+    strategy_with(plugin, model, epochs=1).train(bm.train_stream[0])
+    state = copy.deepcopy(plugin.state_dict())
+    fresh = SGPPlugin(eps=0.5)
+    fresh.load_state_dict(state)
+    assert fresh.tasks_trained == 1 and fresh.eps == 0.9
+    for n in plugin.bases:
+        assert torch.equal(fresh.bases[n], plugin.bases[n])
+        assert torch.equal(fresh.importances[n], plugin.importances[n])
+    assert fresh.memory_stats() == plugin.memory_stats()
+
+
+def test_memory_figures_lance_holds_factors_gpm_holds_projections():
+    bm = digits_benchmark(2)
+    stats = {}
+    for cls in (LanceCLPlugin, GPMPlugin):
+        model = make_model(2)
+        plugin = cls(eps=0.9)
+        strategy_with(plugin, model, epochs=1).train(bm.train_stream[0])
+        stats[cls.name] = plugin.memory_stats()
+        dims = {n: b.shape for n, b in plugin.bases.items()}
+        assert stats[cls.name]["persistent_bytes"] == sum(4 * a * b for a, b in dims.values())
+    gpm_extra = sum(4 * d * d for d, _ in dims.values())
+    assert stats["gpm"]["training_extra_bytes"] == gpm_extra
+    assert 0 < stats["lance"]["training_extra_bytes"] < gpm_extra
