@@ -6,6 +6,9 @@ Core API::
     lance_cl.calibrate(model, loader, num_batches=100)
     stats = lance_cl.measure_activation_memory(model, x, loss_fn)
     lance_cl.uncompress(model)
+
+Continual learning: ``lance_cl.LanceCLPlugin`` (and the ``GPMPlugin`` / ``SGPPlugin`` baselines)
+plug into any Avalanche strategy.
 """
 from .accounting import layer_flops, measure_activation_memory
 from .compressors import METHODS, CalibrationError, Compressor, register_method
@@ -14,6 +17,17 @@ from .wrap import CompressionReport, calibrate, compress, report, select_layers,
 
 __version__ = "0.1.0"
 
+_CL_PLUGINS = ("LanceCLPlugin", "GPMPlugin", "SGPPlugin")
+
+
+def __getattr__(name: str):
+    # The continual-learning plugins import Avalanche (slow, heavy): load them on first use.
+    if name in _CL_PLUGINS:
+        from .cl import plugins
+        return getattr(plugins, name)
+    raise AttributeError(f"module 'lance_cl' has no attribute {name!r}")
+
 __all__ = ["compress", "uncompress", "calibrate", "report", "select_layers",
            "measure_activation_memory", "layer_flops", "CompressionReport", "CalibrationError",
-           "BudgetTooSmallError", "Compressor", "METHODS", "register_method", "__version__"]
+           "BudgetTooSmallError", "Compressor", "METHODS", "register_method", "__version__",
+           "LanceCLPlugin", "GPMPlugin", "SGPPlugin"]

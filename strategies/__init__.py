@@ -1,1 +1,184 @@
-"""Named strategy recipes; filled by the continual-learning issue."""
+"""Named strategy recipes: each compared method as an Avalanche strategy with its plugins and
+published hyperparameters (installed as ``lance_cl.strategies``).
+
+>>> strategy = build_strategy("lance", model, spec, device="cpu")
+>>> for exp in spec.benchmark.train_stream: strategy.train(exp)
+
+All recipes use plain SGD (no momentum, no weight decay: the GPM protocol) with the benchmark's
+learning rate, batch size and epochs from ``spec.defaults``. Extra plugins (the validation
+schedule, loggers) are appended by the caller.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from avalanche.training import Cumulative, Naive
+from avalanche.training.plugins import AGEMPlugin, EvaluationPlugin, EWCPlugin, LwFPlugin
+from torch import nn
+
+from ..cl.plugins import GPMPlugin, LanceCLPlugin, SGPPlugin, SubspacePlugin
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one compared method."""
+
+    name: str
+    description: str
+    plugins: Callable[[dict], list]
+    template: type = Naive
+
+
+def _cl_thresholds(d: dict) -> dict:
+    return {"eps": d.get("eps", 0.97), "eps_step": d.get("eps_step", 0.003)}
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("lance", "LANCE-CL: compressed activations in task subspaces orthogonal to earlier "
+                    "tasks (every task compressed)",
+           lambda d: [LanceCLPlugin(**_cl_thresholds(d), position_eps=d.get("position_eps", 0.95))]),
+    Recipe("lance_paper", "LANCE-CL as published: task 1 with full backprop, training factors at "
+                          "energy 0.98 (threshold-conv), CL thresholds of GPM",
+           lambda d: [LanceCLPlugin(**_cl_thresholds(d), first_task="full", train_eps=0.98,
+                                    position_eps=0.98)]),
+    Recipe("gpm", "GPM (Saha et al. 2021): gradients projected off the protected bases",
+           lambda d: [GPMPlugin(**_cl_thresholds(d))]),
+    Recipe("sgp", "SGP (Saha & Roy 2023): GPM bases with importance-scaled projection",
+           lambda d: [SGPPlugin(**_cl_thresholds(d), alpha=d.get("alpha", 10.0))]),
+    Recipe("naive", "fine-tuning without protection (lower bound)", lambda d: []),
+    Recipe("ewc", "EWC (Kirkpatrick et al. 2017), separate Fisher per task",
+           lambda d: [EWCPlugin(ewc_lambda=d.get("ewc_lambda", 100.0))]),
+    Recipe("lwf", "LwF (Li & Hoiem 2017): distillation on old heads",
+           lambda d: [LwFPlugin(alpha=d.get("lwf_alpha", 1.0), temperature=d.get("lwf_temperature", 2.0))]),
+    Recipe("agem", "A-GEM (Chaudhry et al. 2019): episodic memory, averaged gradient constraint",
+           lambda d: [AGEMPlugin(patterns_per_experience=d.get("agem_patterns", 100),
+                                 sample_size=d.get("agem_sample_size", 64))]),
+    Recipe("joint", "cumulative joint training on every task seen so far (upper bound at the end)",
+           lambda d: [], template=Cumulative),
+]}
+
+
+def quiet_evaluator() -> EvaluationPlugin:
+    """An evaluator that computes and prints nothing (runs compute their own metrics)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return EvaluationPlugin(loggers=[])
+
+
+def build_strategy(name: str, model: nn.Module, spec: Any, *, device: str = "cpu",
+                   epochs: Optional[int] = None, extra_plugins: Sequence = (),
+                   overrides: Optional[dict] = None):
+    """Avalanche strategy for recipe ``name`` on ``model`` with ``spec.defaults`` (lr, batch_size,
+    epochs, eps, eps_step, alpha, ...), optionally overridden."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    defaults = dict(getattr(spec, "defaults", spec) or {})
+    defaults.update(overrides or {})
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=defaults.get("lr", 0.01))
+    return recipe.template(
+        model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(),
+        train_mb_size=defaults.get("batch_size", 64),
+        train_epochs=epochs if epochs is not None else defaults.get("epochs", 1),
+        eval_mb_size=defaults.get("eval_batch_size", 256), device=device,
+        plugins=recipe.plugins(defaults) + list(extra_plugins), evaluator=quiet_evaluator())
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor reachable through dicts/lists/ParamData-like objects."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    if hasattr(obj, "data") and isinstance(getattr(obj, "data"), torch.Tensor):
+        return _tensor_bytes(obj.data)
+    return 0
+
+
+def head_bytes(model: nn.Module) -> int:
+    """Bytes of task-specific head parameters (kept by every method)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if n.startswith("heads") or ".heads." in n)
+
+
+def memory_figures(strategy) -> dict[str, int]:
+    """SPEC 4.4 (b) persistent CL state and (c) extra bytes held while training, in bytes.
+
+    Persistent state: task heads plus the method's own state (bases and importances for the
+    projection methods; Fisher and anchor weights for EWC; the previous model for LwF; the
+    episodic memory for A-GEM; the data of earlier tasks for joint training). Training extra:
+    what only the training loop holds (GPM/SGP: d x d projections; LANCE: its fixed factors).
+    """
+    persistent = head_bytes(strategy.model)
+    extra = 0
+    for plugin in strategy.plugins:
+        if isinstance(plugin, SubspacePlugin):
+            stats = plugin.memory_stats(strategy.model)
+            persistent += stats["persistent_bytes"]
+            extra += stats["training_extra_bytes"]
+        elif isinstance(plugin, EWCPlugin):
+            persistent += _tensor_bytes(plugin.saved_params) + _tensor_bytes(plugin.importances)
+        elif isinstance(plugin, LwFPlugin):
+            prev = getattr(plugin.lwf, "prev_model", None)
+            persistent += 0 if prev is None else sum(p.numel() * p.element_size()
+                                                     for p in prev.parameters())
+        elif isinstance(plugin, AGEMPlugin):
+            persistent += sum(_dataset_bytes(b) for b in getattr(plugin, "buffers", []))
+    if isinstance(strategy, Cumulative) and getattr(strategy, "dataset", None) is not None:
+        persistent += _dataset_bytes(strategy.dataset)
+    return {"persistent_bytes": int(persistent), "training_extra_bytes": int(extra)}
+
+
+def _dataset_bytes(dataset) -> int:
+    """Bytes of the input tensors of a dataset (number of samples x bytes of one sample)."""
+    n = len(dataset)
+    if n == 0:
+        return 0
+    sample = dataset[0][0]
+    return n * _tensor_bytes(sample)
+
+
+# Avalanche plugins keep their state in plain attributes; these are the ones a resume needs.
+_AVALANCHE_PLUGIN_STATE = {EWCPlugin: ("saved_params", "importances"),
+                           LwFPlugin: ("lwf",)}
+
+
+def strategy_state(strategy) -> dict[str, Any]:
+    """Checkpointable state of the strategy's plugins: ``state_dict()`` where a plugin has one,
+    the known state attributes of Avalanche's EWC and LwF plugins otherwise. (A-GEM's memory
+    holds a data-loader iterator and is not checkpointed: a resumed A-GEM run refills it.)"""
+    state = {}
+    for i, plugin in enumerate(strategy.plugins):
+        key = f"{i}:{type(plugin).__name__}"
+        if hasattr(plugin, "state_dict") and hasattr(plugin, "load_state_dict"):
+            state[key] = plugin.state_dict()
+        elif type(plugin) in _AVALANCHE_PLUGIN_STATE:
+            state[key] = {a: copy.deepcopy(getattr(plugin, a))
+                          for a in _AVALANCHE_PLUGIN_STATE[type(plugin)]}
+    return state
+
+
+def load_strategy_state(strategy, state: dict[str, Any]) -> None:
+    """Inverse of :func:`strategy_state`; also re-applies the plugins' model-side effects."""
+    for i, plugin in enumerate(strategy.plugins):
+        key = f"{i}:{type(plugin).__name__}"
+        if key not in state:
+            continue
+        if hasattr(plugin, "load_state_dict"):
+            plugin.load_state_dict(state[key])
+            if hasattr(plugin, "restore_model_state"):
+                plugin.restore_model_state(strategy.model)
+        else:
+            for attr, value in state[key].items():
+                setattr(plugin, attr, value)
+
+
+__all__ = ["RECIPES", "Recipe", "build_strategy", "memory_figures", "strategy_state",
+           "load_strategy_state", "quiet_evaluator", "head_bytes"]
