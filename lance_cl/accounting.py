@@ -18,7 +18,8 @@ from .layers import CompressedConv2d, CompressedLayer, CompressedLinear
 
 
 def measure_activation_memory(model: nn.Module, inputs: Any, loss_fn: Callable[[Any], Tensor],
-                              layers: Optional[Sequence[str]] = None) -> dict[str, Any]:
+                              layers: Optional[Sequence[str]] = None,
+                              count_buffers: bool = True) -> dict[str, Any]:
     """Run one forward + backward and account every tensor autograd saved.
 
     inputs: what ``model`` takes (a tensor, or a tuple of positional arguments);
@@ -29,6 +30,8 @@ def measure_activation_memory(model: nn.Module, inputs: Any, loss_fn: Callable[[
     next conv save the same storage), ``total`` and ``selected`` count each storage once.
     """
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    buffer_storages = {b.untyped_storage().data_ptr() for b in model.buffers()}
+    skip = param_storages if count_buffers else param_storages | buffer_storages
     stack: list[str] = [""]
     handles = []
 
@@ -50,7 +53,7 @@ def measure_activation_memory(model: nn.Module, inputs: Any, loss_fn: Callable[[
     def pack(t: Tensor) -> Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in param_storages and storage.nbytes() > 0:
+        if ptr not in skip and storage.nbytes() > 0:
             key = (t.device.type, t.device.index, ptr)
             sizes[key] = max(sizes.get(key, 0), storage.nbytes())
             owners.setdefault(key, set()).add(stack[-1])
@@ -85,6 +88,7 @@ def measure_activation_memory(model: nn.Module, inputs: Any, loss_fn: Callable[[
         "per_layer": per_layer,
         "selected": sum(sizes[k] for k, names in owners.items() if names & selected),
         "cuda_peak": peak,
+        "buffers": sum(n for (_, _, ptr), n in sizes.items() if ptr in buffer_storages),
     }
 
 

@@ -23,6 +23,7 @@ from typing import ClassVar, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .core.tucker import compact
 from .core.linalg import (GramAccumulator, check_eps, energy_rank, mode_gram, random_orthonormal,
                           sorted_eigh, subspace_iteration, top_eigenvectors)
 
@@ -96,7 +97,7 @@ class Compressor(nn.Module):
 
     def set_factor(self, mode: int, value: Optional[Tensor]) -> None:
         # Rebind rather than copy in place: a factor saved for an earlier backward stays valid.
-        self._buffers[f"factor_{mode}"] = None if value is None else value.contiguous()
+        self._buffers[f"factor_{mode}"] = None if value is None else compact(value)
 
     def factors(self) -> list[Optional[Tensor]]:
         return [self.factor(m) for m in range(self.n_modes or 0)]
@@ -215,7 +216,7 @@ class _EnergyOrBudget(Compressor):
         """Factors that the energy rule ``eps`` (default: this layer's setting) would choose."""
         out: list[Optional[Tensor]] = [None] * self.n_modes
         for m, (lam, vec) in self.eigen().items():
-            out[m] = vec[:, : self._rank_for(m, lam, eps)].contiguous()
+            out[m] = compact(vec[:, : self._rank_for(m, lam, eps)])
         return out
 
     def finish_calibration(self, eps: Optional[float] = None) -> None:

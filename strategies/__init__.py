@@ -136,6 +136,17 @@ def memory_figures(strategy) -> dict[str, int]:
     return {"persistent_bytes": int(persistent), "training_extra_bytes": int(extra)}
 
 
+def task_diagnostics(strategy, task: int) -> dict[str, Any]:
+    """Per protected layer, what a subspace plugin decided for ``task``: training rank, ranks per
+    mode, energy already covered by the protected basis, basis growth, frozen, storage form."""
+    for plugin in strategy.plugins:
+        if isinstance(plugin, SubspacePlugin):
+            for entry in plugin.layer_log:
+                if entry["task"] == task:
+                    return copy.deepcopy(entry["layers"])
+    return {}
+
+
 def _dataset_bytes(dataset) -> int:
     """Bytes of the input tensors of a dataset (number of samples x bytes of one sample)."""
     n = len(dataset)
@@ -180,5 +191,5 @@ def load_strategy_state(strategy, state: dict[str, Any]) -> None:
                 setattr(plugin, attr, value)
 
 
-__all__ = ["RECIPES", "Recipe", "build_strategy", "memory_figures", "strategy_state",
+__all__ = ["RECIPES", "Recipe", "build_strategy", "memory_figures", "task_diagnostics", "strategy_state",
            "load_strategy_state", "quiet_evaluator", "head_bytes"]

@@ -14,7 +14,7 @@ from lance_cl.core.conv2d import ConvSpec, GradientFilterConv2dFunction
 from lance_cl.core.linalg import (GramAccumulator, check_eps, complement_projector_apply,
                                   energy_rank, explained_energy, mode_gram, orthonormalize,
                                   random_orthonormal, subspace_iteration, top_eigenvectors)
-from lance_cl.core.tucker import (core_shape, fold, mode_contract, mode_product, project, reconstruct,
+from lance_cl.core.tucker import (compact, core_shape, fold, mode_contract, mode_product, project, reconstruct,
                                   tucker_bytes, unfold)
 
 DT = torch.float64
@@ -87,6 +87,18 @@ def test_top_eigenvectors_match_numpy_svd():
     # same subspace: projectors agree
     r = u.shape[1]
     np.testing.assert_allclose((u @ u.T).numpy(), un[:, :r] @ un[:, :r].T, atol=1e-8)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_truncated_factors_own_exactly_their_storage(rank):
+    # a single column of a column-major eigenvector matrix is "contiguous" yet holds all of it
+    gram = mode_gram(torch.randn(6, 30), 0)
+    u, _ = top_eigenvectors(gram, rank=rank)
+    assert u.untyped_storage().nbytes() == 6 * rank * 4
+    view = torch.linalg.eigh(gram)[1][:, :1]
+    assert view.is_contiguous() and view.untyped_storage().nbytes() == 36 * 4
+    assert compact(view).untyped_storage().nbytes() == 6 * 4
+    torch.testing.assert_close(compact(view), view)
 
 
 def test_gram_accumulator_equals_gram_of_concatenation():

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .tucker import mode_contract, mode_product
+from .tucker import compact, mode_contract, mode_product
 
 
 def decomposition_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,14 +63,14 @@ def top_eigenvectors(
         raise ValueError("top_eigenvectors needs exactly one of eps= or rank=")
     lam, vec = sorted_eigh(gram)
     r = energy_rank(lam, eps) if eps is not None else max(1, min(int(rank), lam.numel()))
-    return vec[:, :r].contiguous(), lam
+    return compact(vec[:, :r]), lam
 
 
 def orthonormalize(q: Tensor) -> Tensor:
     """Orthonormal basis of the column span of q: (n, r) -> (n, r), QR in float32 or better."""
     out_dtype = q.dtype
     basis, _ = torch.linalg.qr(q.to(decomposition_dtype(q.dtype)))
-    return basis.to(out_dtype).contiguous()
+    return compact(basis.to(out_dtype))
 
 
 def random_orthonormal(
@@ -109,7 +109,7 @@ def complement_basis(basis: Optional[Tensor], dim: int, dtype: torch.dtype = tor
         return torch.eye(dim, dtype=dtype)
     p = basis.to(dtype)
     lam, vec = torch.linalg.eigh(torch.eye(dim, dtype=dtype) - p @ p.t())
-    return vec[:, lam > 0.5].contiguous()
+    return compact(vec[:, lam > 0.5])
 
 
 def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
@@ -139,7 +139,7 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
     else:
         cumulative = covered + torch.cumsum(lam.clamp_min(0), 0) / total
         r = min(int((cumulative < eps).sum().item()) + 1, q.shape[1])
-    return (q @ vec[:, :r]).contiguous(), covered
+    return compact(q @ vec[:, :r]), covered
 
 
 def explained_energy(gram: Tensor, basis: Tensor) -> float:

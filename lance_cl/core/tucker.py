@@ -77,7 +77,7 @@ def project(x: Tensor, factors: Factors) -> Tensor:
     core = x
     for m in order:
         core = mode_product(core, factors[m].t(), m)
-    return core.contiguous()
+    return compact(core)
 
 
 def reconstruct(core: Tensor, factors: Factors, modes: Optional[Sequence[int]] = None) -> Tensor:
@@ -89,6 +89,15 @@ def reconstruct(core: Tensor, factors: Factors, modes: Optional[Sequence[int]] =
         if factors[m] is not None:
             out = mode_product(out, factors[m], m)
     return out
+
+
+def compact(t: Tensor) -> Tensor:
+    """``t`` with a storage of exactly its own size. A truncated view such as ``U[:, :k]`` keeps the
+    whole ``U`` alive, and ``.contiguous()`` does not copy when the view happens to be contiguous
+    (a single column of a column-major matrix): saving such a view silently costs all of ``U``."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def core_shape(shape: Sequence[int], factors: Factors) -> tuple[int, ...]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
+from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 
 __all__ = ["MultiHeadModule", "normalise_n_classes"]
+
+TaskLabels = Union[int, Tensor]
 
 
 def normalise_n_classes(n_tasks: int, n_classes: int | Sequence[int]) -> list[int]:
@@ -25,14 +29,22 @@ def normalise_n_classes(n_tasks: int, n_classes: int | Sequence[int]) -> list[in
     return counts
 
 
-class MultiHeadModule(nn.Module):
+class MultiHeadModule(MultiTaskModule):
     """Base class: ``features(x) -> (B, D)`` followed by one bias-free linear head per task.
 
-    ``forward(x, task_label)`` takes either one task id for the whole batch or a tensor of
-    per-sample task ids of shape (B,); each sample then goes through its own head. When the
-    heads of the tasks present in a batch have different widths, the output has the largest
-    width and the missing logits of narrower heads are filled with ``pad_value`` (a large
-    negative number, so they never win an argmax and get ~zero softmax mass).
+    An Avalanche :class:`~avalanche.models.MultiTaskModule`, so strategies (through
+    ``avalanche_forward``) call ``model(x, task_labels)``. ``task_labels`` is either one task
+    id for the whole batch (int or one-element tensor) or a tensor of per-sample ids of shape
+    (B,). Unlike Avalanche's default routing, the features are always computed on the *whole*
+    batch (BatchNorm here uses batch statistics, so splitting the batch by task would change
+    them) and only the heads are selected per sample. When the heads of the tasks present in a
+    batch have different widths, the output has the largest width and the missing logits of
+    narrower heads are filled with ``pad_value`` (a large negative number, so they never win an
+    argmax and get ~zero softmax mass). ``task_labels=None`` returns ``{task: logits}`` for
+    every head.
+
+    The heads are fixed: one per task, created at construction, so :meth:`adaptation` does
+    nothing (Avalanche never adds or resizes heads).
     """
 
     heads: nn.ModuleList
@@ -42,34 +54,59 @@ class MultiHeadModule(nn.Module):
         self.n_classes = normalise_n_classes(n_tasks, n_classes)
         self.n_tasks = n_tasks
         self.heads = nn.ModuleList(nn.Linear(in_features, c, bias=False) for c in self.n_classes)
+        self.max_class_label = max(self.n_classes)
+        self.known_train_tasks_labels = set(range(n_tasks))
 
     def features(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def adaptation(self, experience: Any = None) -> None:
+        """No-op: the heads are created at construction (one per task) and never change."""
 
     def _check_task(self, t: int) -> int:
         if not 0 <= t < len(self.heads):
             raise IndexError(f"task label {t} out of range: model has {len(self.heads)} heads")
         return t
 
-    def forward(self, x: Tensor, task_label: int | Tensor = 0) -> Tensor:
-        """x: (B, ...) -> logits (B, n_classes[task]) (max width over tasks when mixed)."""
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        """x: (B, ...) -> logits (B, n_classes[task_label])."""
+        return self.heads[self._check_task(int(task_label))](self.features(x))
+
+    def forward_all_tasks(self, x: Tensor) -> dict[int, Tensor]:
+        """x: (B, ...) -> {task: logits (B, n_classes[task])} for every head."""
         h = self.features(x)
-        if isinstance(task_label, Tensor):
-            if task_label.numel() == 1:
-                task_label = int(task_label.reshape(()).item())
+        return {t: head(h) for t, head in enumerate(self.heads)}
+
+    def forward(
+        self, x: Tensor, task_labels: Optional[TaskLabels] = 0, *, task_label: Optional[TaskLabels] = None
+    ) -> Any:
+        """x: (B, ...) -> logits (B, n_classes[task]) (max width over tasks when mixed).
+
+        ``task_labels`` (positional or keyword; ``task_label=`` is an alias) is an int, a
+        one-element tensor or a (B,) tensor of per-sample task ids; None gives every head.
+        """
+        if task_label is not None:
+            task_labels = task_label
+        if task_labels is None:
+            return self.forward_all_tasks(x)
+        if isinstance(task_labels, Tensor):
+            if task_labels.numel() == 1:
+                task_labels = int(task_labels.reshape(()).item())
             else:
-                labels = task_label.reshape(-1).to(device=h.device, dtype=torch.long)
-                if labels.shape[0] != h.shape[0]:
-                    raise ValueError(
-                        f"got {labels.shape[0]} task labels for a batch of {h.shape[0]} samples"
-                    )
-                present = [self._check_task(int(t)) for t in torch.unique(labels).tolist()]
-                if len(present) == 1:
-                    return self.heads[present[0]](h)
-                width = max(self.n_classes[t] for t in present)
-                out = h.new_full((h.shape[0], width), self.pad_value)
-                for t in present:
-                    idx = (labels == t).nonzero(as_tuple=True)[0]
-                    out[idx, : self.n_classes[t]] = self.heads[t](h[idx])
-                return out
-        return self.heads[self._check_task(int(task_label))](h)
+                return self._forward_routed(x, task_labels)
+        return self.forward_single_task(x, int(task_labels))
+
+    def _forward_routed(self, x: Tensor, task_labels: Tensor) -> Tensor:
+        h = self.features(x)
+        labels = task_labels.reshape(-1).to(device=h.device, dtype=torch.long)
+        if labels.shape[0] != h.shape[0]:
+            raise ValueError(f"got {labels.shape[0]} task labels for a batch of {h.shape[0]} samples")
+        present = [self._check_task(int(t)) for t in torch.unique(labels).tolist()]
+        if len(present) == 1:
+            return self.heads[present[0]](h)
+        width = max(self.n_classes[t] for t in present)
+        out = h.new_full((h.shape[0], width), self.pad_value)
+        for t in present:
+            idx = (labels == t).nonzero(as_tuple=True)[0]
+            out[idx, : self.n_classes[t]] = self.heads[t](h[idx])
+        return out

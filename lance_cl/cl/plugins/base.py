@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ...core.linalg import check_eps, grow_basis
+from ...core.tucker import compact
 from ..subspace import (DEFAULT_EXCLUDE, check_optimizer, collect_fan_in_grams, fan_in_dim,
                         protected_layer_names, reset_momentum)
 
@@ -125,7 +126,7 @@ class SubspacePlugin(SupervisedPlugin):
 
     def update_basis(self, name: str, old: Optional[Tensor], new: Tensor, gram: Tensor) -> None:
         basis = new if old is None else torch.cat([old.to(new.dtype), new], dim=1)
-        self.bases[name] = basis[:, : basis.shape[0]].float().contiguous()
+        self.bases[name] = compact(basis[:, : basis.shape[0]].float())
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -6,10 +6,17 @@ C_F; the task's training factor U_F is made of eigenvectors of (I - PP^T) C_F (I
 orthogonal to the protected basis P by construction. The layer then stores only the core
 x x_F U_F^T (and, for convs, the output-position mode projected on its own energy subspace), and
 its weight-gradient rows lie in span(U_F): inputs of earlier tasks inside span(P) see no change.
-No gradient is ever projected and P is not needed while the task trains.
+P is not needed while the task trains.
+
+Where the core would be larger than the input itself (a conv whose patches outnumber its input
+pixels and whose ranks stay high, common on tiny feature maps), the layer keeps its input instead
+and its weight gradient is projected on span(U_F) after backward. Both forms give a gradient whose
+rows lie in span(U_F) (with only the fan-in mode compressed they are the same gradient, SPEC 3.3
+identity 3), so the guarantee is unchanged; the layer log records which form each layer used.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -52,6 +59,7 @@ class LanceCLPlugin(SubspacePlugin):
         self.first_task = first_task
         self.calibration_batches = calibration_batches
         self.frozen: list[str] = []
+        self._grad_projectors: dict[str, torch.Tensor] = {}   # layers that store their input
 
     def _compress(self, model: nn.Module) -> dict[str, CompressedLayer]:
         names = self.protected_names(model)
@@ -79,6 +87,7 @@ class LanceCLPlugin(SubspacePlugin):
                        progress=False, finish=False)
         eps_t = self.train_eps if self.train_eps is not None else self.threshold(self.tasks_trained)
         self.frozen = []
+        self._grad_projectors = {}
         for name, layer in layers.items():
             self._set_training_factors(name, layer, eps_t)
 
@@ -105,12 +114,32 @@ class LanceCLPlugin(SubspacePlugin):
             factors[fan_in_mode] = None
         log["frozen"] = u_fan_in.shape[1] == 0
         comp.fix_factors(factors)
+        per_sample_core = math.prod(n if f is None else f.shape[1]
+                                    for n, f in zip(comp.calibrated_shape.tolist(), factors[1:]))
+        per_sample_input = math.prod(layer.last_input_shape[1:])
+        store_input = u_fan_in.shape[1] > 0 and per_sample_core >= per_sample_input
+        log["storage"] = "input" if store_input else "core"
+        if store_input:
+            layer.bypass = True
+            self._grad_projectors[name] = u_fan_in.to(layer.weight.device, layer.weight.dtype)
+
+    @torch.no_grad()
+    def after_backward(self, strategy, *args, **kwargs):
+        """Layers that keep their input: g <- g U_F U_F^T on the fan-in axis."""
+        for name, u in self._grad_projectors.items():
+            weight = strategy.model.get_submodule(name).weight
+            if weight.grad is not None:
+                g = weight.grad.view(weight.shape[0], -1)
+                g.copy_((g @ u) @ u.t())
 
     def finish_task(self, strategy) -> None:
         for name in self.frozen:
             strategy.model.get_submodule(name).weight.requires_grad_(True)
         self.frozen = []
         self._factor_bytes = self._current_factor_bytes(strategy.model)
+        for name in self._grad_projectors:
+            strategy.model.get_submodule(name).bypass = False
+        self._grad_projectors = {}
 
     def _current_factor_bytes(self, model: nn.Module) -> int:
         total = 0

@@ -1,0 +1,82 @@
+"""`lance-cl run` / `lance-cl report` handlers end to end on a tiny run (strategy stubbed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lance_cl.cl.commands import add_report_parser, add_run_parser, main, parse_seeds
+
+from cl_stubs import install
+
+
+def _strict_json(path: Path) -> dict:
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{path}: non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
+
+
+def test_parse_seeds() -> None:
+    assert parse_seeds("0") == [0]
+    assert parse_seeds("0,1,2") == [0, 1, 2]
+    assert parse_seeds("3-5") == [3, 4, 5]
+    assert parse_seeds("0, 7-8") == [0, 7, 8]
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_seeds("a")
+
+
+def test_parsers_defaults() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_run_parser(sub)
+    add_report_parser(sub)
+    args = parser.parse_args(["run"])
+    assert (args.benchmark, args.strategies, args.seeds, args.out) == (
+        "split_digits", ["lance", "gpm", "sgp", "naive"], [0], "runs")
+    assert args.epochs is None and args.device == "cpu" and not args.quick and not args.no_resume
+    args = parser.parse_args(["report", "somewhere", "--out", "x"])
+    assert (args.dir, args.out) == ("somewhere", "x") and callable(args.handler)
+
+
+def test_run_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    install(monkeypatch)
+    threads = torch.get_num_threads()
+    out = tmp_path / "runs"
+    status = main(["run", "--strategies", "naive,naive2", "--seeds", "0-1", "--epochs", "1", "--quick",
+                   "--out", str(out), "--no-progress", "--threads", "1"])
+    assert status == 0
+    assert torch.get_num_threads() == threads  # restored after the runs
+    printed = capsys.readouterr().out
+    assert "| split_digits | naive | 2 |" in printed and "| split_digits | naive2 | 2 |" in printed
+    files = sorted(p.name for p in out.glob("*.json"))
+    assert files == sorted(f"split_digits__{s}__seed{k}.json" for s in ("naive", "naive2") for k in (0, 1))
+    for name in files:
+        data = _strict_json(out / name)
+        assert data["status"] == "complete" and data["config"]["epochs"] == 1
+        assert len(data["accuracy_matrix"]) == 5 and all(len(r) == 5 for r in data["accuracy_matrix"])
+        assert all(0.0 <= v <= 100.0 for r in data["accuracy_matrix"] for v in r)
+        assert (out / "checkpoints" / name.replace(".json", ".pt")).is_file()
+
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    assert "| split_digits | naive2 | 2 |" in printed
+    pngs = sorted((tmp_path / "rep").glob("*.png"))
+    assert {p.name for p in pngs} == {
+        "acc_vs_memory_split_digits.png", "heatmap_split_digits__naive.png",
+        "heatmap_split_digits__naive2.png", "task_accuracy_split_digits.png"}
+    for p in pngs:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "## split_digits" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_unknown_benchmark_and_empty_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--benchmark", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no complete run" in capsys.readouterr().err

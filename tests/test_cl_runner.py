@@ -1,0 +1,88 @@
+"""run_experiment: results JSON, memory figures, failure record and exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lance_cl.cl.runner import checkpoint_path, result_path, run_experiment
+
+from cl_stubs import install
+
+KW = dict(epochs=2, quick=True, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: competing OpenMP threads make steps ~100x slower
+    yield
+    torch.set_num_threads(n)
+
+
+def test_uninterrupted_vs_crashed_and_resumed_identical(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls = install(monkeypatch)
+    full = run_experiment("split_digits", "naive", 0, out_dir=tmp_path / "a", **KW)
+    assert calls.train_calls == 5
+    on_disk = json.loads(result_path(tmp_path / "a", "split_digits", "naive", 0).read_text())
+    assert on_disk["status"] == "complete" and on_disk["completed_tasks"] == 5
+    R = np.array(full["accuracy_matrix"])
+    assert R.shape == (5, 5)
+    # ACC / BWT by hand from the stored matrix
+    assert full["acc"] == pytest.approx(R[4].mean())
+    assert full["bwt"] == pytest.approx(np.mean([R[4, j] - R[j, j] for j in range(4)]))
+    assert on_disk["acc"] == pytest.approx(full["acc"])
+    for t in full["per_task"]:
+        assert 1 <= t["epochs_run"] <= 2 and len(t["val_history"]) == t["epochs_run"]
+        m = t["memory"]
+        # SmallCNN 8x8 (8, 16 channels), batch 16, float32: conv1 saves x (1x8x8), conv2 its
+        # pooled input (8x4x4), fc1 the flattened (16x2x2) map: 4 * 16 * (64 + 128 + 64) bytes;
+        # the head's input (32 features) is not counted
+        assert m["activation_layers_bytes"] == 4 * 16 * (64 + 128 + 64)
+        assert m["activation_batch_size"] == 16
+        assert m["activation_total_bytes"] > m["activation_layers_bytes"]
+        assert m["persistent_bytes"] == 5 * 2 * 32 * 4  # the stub counts the 5 heads
+    assert set(on_disk["versions"]) >= {"lance_cl", "torch", "avalanche", "python"}
+
+    # crash in the third task: results of tasks 0 and 1 stay on disk, status failed
+    calls.fail_at, calls.train_calls = 2, 0
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_experiment("split_digits", "naive", 0, out_dir=tmp_path / "b", **KW)
+    partial = json.loads(result_path(tmp_path / "b", "split_digits", "naive", 0).read_text())
+    assert partial["status"] == "failed" and "simulated crash in task 2" in partial["error"]
+    assert partial["completed_tasks"] == 2 and len(partial["accuracy_matrix"]) == 2
+    assert checkpoint_path(tmp_path / "b", "split_digits", "naive", 0).is_file()
+    np.testing.assert_array_equal(np.array(partial["accuracy_matrix"]), R[:2])
+
+    # resume: only tasks 2, 3, 4 are trained, and the matrix is exactly the uninterrupted one
+    calls.fail_at, calls.train_calls = None, 0
+    resumed = run_experiment("split_digits", "naive", 0, out_dir=tmp_path / "b", **KW)
+    assert calls.train_calls == 3
+    assert resumed["status"] == "complete"
+    np.testing.assert_array_equal(np.array(resumed["accuracy_matrix"]), R)
+    assert [t["val_history"] for t in resumed["per_task"]] == [t["val_history"] for t in full["per_task"]]
+
+    # a complete run is not run again
+    built = calls.built
+    again = run_experiment("split_digits", "naive", 0, out_dir=tmp_path / "b", **KW)
+    assert calls.built == built and again["accuracy_matrix"] == resumed["accuracy_matrix"]
+
+
+def test_max_tasks_then_resume(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls = install(monkeypatch)
+    part = run_experiment("split_digits", "naive", 1, out_dir=tmp_path, max_tasks=4, **KW)
+    assert part["status"] == "running" and part["completed_tasks"] == 4
+    # metrics over the 4 finished tasks: the 4x4 block
+    R4 = np.array(part["accuracy_matrix"])[:, :4]
+    assert part["acc"] == pytest.approx(R4[3].mean())
+    calls.train_calls = 0
+    done = run_experiment("split_digits", "naive", 1, out_dir=tmp_path, **KW)
+    assert calls.train_calls == 1 and done["status"] == "complete"
+    # a different config does not reuse the checkpoint
+    calls.train_calls = 0
+    run_experiment("split_digits", "naive", 1, out_dir=tmp_path, epochs=1, quick=True, progress=False,
+                   max_tasks=1)
+    assert calls.train_calls == 1
