@@ -40,7 +40,8 @@ def _cl_thresholds(d: dict) -> dict:
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("lance", "LANCE-CL: compressed activations in task subspaces orthogonal to earlier "
                     "tasks (every task compressed)",
-           lambda d: [LanceCLPlugin(**_cl_thresholds(d), position_eps=d.get("position_eps", 0.95))]),
+           lambda d: [LanceCLPlugin(**_cl_thresholds(d), train_eps=d.get("train_eps"),
+                                    position_eps=d.get("position_eps", 0.9))]),
     Recipe("lance_paper", "LANCE-CL as published: task 1 with full backprop, training factors at "
                           "energy 0.98 (threshold-conv), CL thresholds of GPM",
            lambda d: [LanceCLPlugin(**_cl_thresholds(d), first_task="full", train_eps=0.98,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lance_cl.core.budget import BudgetTooSmallError, select_under_budget
 from lance_cl.core.conv2d import ConvSpec, GradientFilterConv2dFunction
-from lance_cl.core.linalg import (GramAccumulator, check_eps, complement_projector_apply,
+from lance_cl.core.linalg import (GramAccumulator, check_eps, complement_projector_apply, grow_basis,
                                   energy_rank, explained_energy, mode_gram, orthonormalize,
                                   random_orthonormal, subspace_iteration, top_eigenvectors)
 from lance_cl.core.tucker import (compact, core_shape, fold, mode_contract, mode_product, project, reconstruct,
@@ -146,6 +146,33 @@ def test_orthonormalize_low_precision_runs_in_float32():
     q = orthonormalize(torch.randn(16, 4).to(torch.bfloat16))
     assert q.dtype == torch.bfloat16
     torch.testing.assert_close(q.float().t() @ q.float(), torch.eye(4), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("eps,expected_rank", [(0.5, 0), (0.8, 1), (0.81, 2), (0.95, 3)])
+def test_grow_basis_hand_computed(eps, expected_rank):
+    # energies 5, 3, 1, 1 along a random orthonormal frame; P holds the first direction
+    frame = torch.linalg.qr(torch.randn(4, 4, dtype=DT))[0]
+    c = frame @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 1.0], dtype=DT)) @ frame.t()
+    u, covered = grow_basis(c, frame[:, :1], eps)
+    assert covered == pytest.approx(0.5)
+    assert u.shape == (4, expected_rank)
+    if expected_rank:
+        assert (u.t() @ frame[:, :1]).abs().max() < 1e-12
+        torch.testing.assert_close(u.t() @ u, torch.eye(expected_rank, dtype=DT))
+        # the first new direction is the next most energetic one
+        assert abs(float(u[:, 0] @ frame[:, 1])) == pytest.approx(1.0)
+
+
+def test_grow_basis_take_all_is_the_whole_complement_even_without_energy():
+    c = torch.zeros(5, 5, dtype=DT)
+    c[0, 0] = 1.0                                       # energy only along e0
+    p = torch.eye(5, dtype=DT)[:, :2]
+    u, _ = grow_basis(c, p, 0.9, take_all=True)
+    assert u.shape == (5, 3)
+    assert (u.t() @ p).abs().max() < 1e-12
+    torch.testing.assert_close(u @ u.t() + p @ p.t(), torch.eye(5, dtype=DT))
+    u0, covered = grow_basis(c, None, 0.9)
+    assert covered == pytest.approx(0.0) and u0.shape == (5, 1)
 
 
 def test_complement_projection_and_explained_energy():

@@ -49,7 +49,7 @@ class LanceCLPlugin(SubspacePlugin):
     name = "lance"
 
     def __init__(self, eps: float = 0.97, eps_step: float = 0.003, train_eps: Optional[float] = None,
-                 position_eps: Optional[float] = 0.95, first_task: str = "compressed",
+                 position_eps: Optional[float] = 0.9, first_task: str = "compressed",
                  calibration_batches: Optional[int] = None, small_layer_dim: int = 80, **options):
         super().__init__(eps=eps, eps_step=eps_step, small_layer_dim=small_layer_dim, **options)
         if first_task not in ("compressed", "full"):
