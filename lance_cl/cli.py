@@ -1,19 +1,11 @@
 """The ``lance-cl`` command: ``bench`` (activation memory, step time and gradient fidelity of every
-compression method against vanilla), and the planned ``run`` / ``report`` commands."""
+compression method against vanilla), ``run`` (continual-learning benchmark runs) and ``report``
+(tables and plots from saved runs)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional, Sequence
-
-PLANNED = "not implemented yet: planned (continual-learning issue)"
-
-
-def _planned(name: str):
-    def handler(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
-        print(f"lance-cl {name}: {PLANNED}", file=sys.stderr)
-        return 2
-    return handler
 
 
 def _bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
@@ -37,19 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure every compression method against vanilla autograd on AlexNet-5 and a "
                     "MobileNetV2-style network with real FashionMNIST images: activation bytes "
                     "(compressed layers and whole step), step time, gradient fidelity, ranks and "
-                    "FLOPs. Writes bench.json and bench.md to --out and prints the table.")
+                    "FLOPs. Writes bench.json and bench.md to --out and prints the table.",
+        epilog="Exit status: 0 when every method was measured; 1 when the data is missing or a "
+               "method failed (its table row says why; the others are still measured). "
+               "See docs/performance.md for the protocol and the reference figures.")
     perf.add_arguments(bench)
     bench.set_defaults(handler=_bench)
 
-    run = sub.add_parser("run", help=f"continual-learning runs ({PLANNED})",
-                         description=f"Continual-learning benchmark runs: {PLANNED}.")
-    run.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    run.set_defaults(handler=_planned("run"))
+    from lance_cl.cl.commands import add_report_parser, add_run_parser
 
-    report = sub.add_parser("report", help=f"comparison tables and plots from run files ({PLANNED})",
-                            description=f"Reports from saved run files: {PLANNED}.")
-    report.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    report.set_defaults(handler=_planned("report"))
+    add_run_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

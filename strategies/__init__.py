@@ -41,7 +41,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("lance", "LANCE-CL: compressed activations in task subspaces orthogonal to earlier "
                     "tasks (every task compressed)",
            lambda d: [LanceCLPlugin(**_cl_thresholds(d), train_eps=d.get("train_eps"),
-                                    position_eps=d.get("position_eps", 0.9))]),
+                                    position_eps=d.get("position_eps", 0.9),
+                                    small_layer_dim=d.get("small_layer_dim", 80))]),
     Recipe("lance_paper", "LANCE-CL as published: task 1 with full backprop, training factors at "
                           "energy 0.98 (threshold-conv), CL thresholds of GPM",
            lambda d: [LanceCLPlugin(**_cl_thresholds(d), first_task="full", train_eps=0.98,

@@ -284,3 +284,23 @@ def test_gradient_filter_radius_one_pointwise_is_exact():
     w2 = w.detach().clone().requires_grad_()
     F.conv2d(x, w2).backward(gy)
     torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_sorted_eigh_recovers_when_the_solver_fails(monkeypatch):
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(a, *args, **kwargs):
+        calls.append(a.dtype)
+        if len(calls) < 3:   # float32 fails, float64 fails, jittered float64 succeeds
+            raise torch.linalg.LinAlgError("failed to converge")
+        return real(a, *args, **kwargs)
+
+    from lance_cl.core import linalg
+    c = torch.diag(torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    monkeypatch.setattr(linalg.torch.linalg, "eigh", flaky)
+    lam, vec = linalg.sorted_eigh(c)
+    assert calls == [torch.float32, torch.float64, torch.float64]
+    assert lam.dtype == torch.float32
+    torch.testing.assert_close(lam, torch.tensor([3.0, 1.0, 0.0, 0.0]), atol=1e-8, rtol=0)
+    assert abs(float(vec[0, 0])) == pytest.approx(1.0)

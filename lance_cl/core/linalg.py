@@ -46,9 +46,27 @@ def energy_rank(eigenvalues: Tensor, eps: float) -> int:
 
 
 def sorted_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of a symmetric PSD matrix, eigenvalues descending. Returns (lam, V)."""
+    """Eigen-decomposition of a symmetric PSD matrix, eigenvalues descending. Returns (lam, V).
+
+    Gram matrices of real activations can be badly conditioned (dead channels, zero padding give
+    many repeated zero eigenvalues) and LAPACK's solver may then fail to converge: retry in
+    float64, then with a jitter of 1e-10 * mean eigenvalue on the diagonal, which moves the
+    eigenvalues by far less than any energy threshold can resolve.
+    """
     work = gram.to(decomposition_dtype(gram.dtype))
-    lam, vec = torch.linalg.eigh(work)
+    try:
+        lam, vec = torch.linalg.eigh(work)
+    except torch.linalg.LinAlgError:
+        work = gram.to(torch.float64)
+        try:
+            lam, vec = torch.linalg.eigh(work)
+        except torch.linalg.LinAlgError:
+            n = work.shape[0]
+            jitter = 1e-10 * torch.trace(work).abs().clamp_min(1e-30) / n
+            lam, vec = torch.linalg.eigh(work + jitter * torch.eye(n, dtype=work.dtype,
+                                                                   device=work.device))
+        dtype = decomposition_dtype(gram.dtype)
+        lam, vec = lam.to(dtype), vec.to(dtype)
     return lam.flip(0), vec.flip(1)
 
 
