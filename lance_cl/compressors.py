@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from .core.tucker import compact
-from .core.linalg import (GramAccumulator, check_eps, energy_rank, mode_gram, random_orthonormal,
-                          sorted_eigh, subspace_iteration, top_eigenvectors)
+from .core.linalg import (GramAccumulator, check_eps, energy_rank, mode_basis, mode_gram,
+                          random_orthonormal,
+                          sorted_eigh, subspace_iteration)
 
 METHODS: dict[str, type["Compressor"]] = {}
 
@@ -135,6 +136,13 @@ class Compressor(nn.Module):
 
     def finish_calibration(self) -> None:
         self.calibrating = False
+
+    def factor_shapes(self) -> list[Optional[tuple[int, int]]]:
+        """(n_m, r_m) of the factors the last step used (fixed or per-step), None if kept."""
+        shapes = getattr(self, "last_factor_shapes", None)
+        if shapes is not None:
+            return list(shapes)
+        return [None if u is None else tuple(u.shape) for u in self.factors()]
 
     def ranks(self) -> tuple[Optional[int], ...]:
         """Rank per mode (None = mode kept at full size), from the current factors."""
@@ -318,9 +326,9 @@ class HOSVD(Compressor):
     def step_factors(self, view: Tensor) -> list[Optional[Tensor]]:
         out: list[Optional[Tensor]] = [None] * self.n_modes
         for m in self.modes:
-            u, _ = top_eigenvectors(mode_gram(view, m), eps=self.eps)
-            out[m] = u.to(view.dtype)
+            out[m] = mode_basis(view, m, self.eps).to(view.dtype)
         self.last_ranks = tuple(None if u is None else int(u.shape[1]) for u in out)
+        self.last_factor_shapes = [None if u is None else tuple(u.shape) for u in out]
         return out
 
 

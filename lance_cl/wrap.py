@@ -210,7 +210,7 @@ def _activation_bytes(layer: CompressedLayer) -> tuple[Optional[int], Optional[i
         rows, cols = filter_blocks(out_hw, comp.radius)
         return before, shape[0] * shape[1] * rows * cols * element
     view = layer.view_shape(torch.empty(shape, device="meta"))
-    return before, tucker_bytes(view, comp.factors(), element)
+    return before, tucker_bytes(view, comp.factor_shapes(), element)
 
 
 def report(model: nn.Module) -> CompressionReport:

@@ -259,6 +259,18 @@ def test_measured_memory_matches_analytic_and_vanilla_saves_inputs():
     assert measured["total"] < vanilla["total"]
 
 
+def test_report_bytes_match_measurement_for_per_step_methods():
+    for method in ("hosvd", "asi"):
+        model = make(dtype=torch.float32)
+        x, y = data(16, dtype=torch.float32)
+        lance_cl.compress(model, method, layers=["fc", "head"], eps=0.8)
+        lance_cl.calibrate(model, [(x, y)], progress=False)
+        measured = lance_cl.measure_activation_memory(model, x, lambda o: F.cross_entropy(o, y))
+        rows = lance_cl.report(model)
+        assert measured["selected"] == sum(r.bytes_after for r in rows)
+        assert all(r.bytes_after < r.bytes_before for r in rows)
+
+
 def test_measurement_counts_whole_storages_of_saved_views():
     class SaveView(torch.autograd.Function):
         @staticmethod

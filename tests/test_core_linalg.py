@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lance_cl.core.budget import BudgetTooSmallError, select_under_budget
 from lance_cl.core.conv2d import ConvSpec, GradientFilterConv2dFunction
 from lance_cl.core.linalg import (GramAccumulator, check_eps, complement_projector_apply, grow_basis,
-                                  energy_rank, explained_energy, mode_gram, orthonormalize,
+                                  energy_rank, explained_energy, mode_basis, mode_gram, orthonormalize,
                                   random_orthonormal, subspace_iteration, top_eigenvectors)
 from lance_cl.core.tucker import (compact, core_shape, fold, mode_contract, mode_product, project, reconstruct,
                                   tucker_bytes, unfold)
@@ -99,6 +99,19 @@ def test_truncated_factors_own_exactly_their_storage(rank):
     assert view.is_contiguous() and view.untyped_storage().nbytes() == 36 * 4
     assert compact(view).untyped_storage().nbytes() == 6 * 4
     torch.testing.assert_close(compact(view), view)
+
+
+@pytest.mark.parametrize("shape,mode", [((6, 40), 1), ((40, 6), 1), ((3, 30, 2), 1), ((4, 5, 6), 0)])
+def test_mode_basis_primal_and_dual_agree_with_svd(shape, mode):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=DT)
+    u = mode_basis(x, mode, 0.8)
+    a = unfold(x, mode)
+    left, s, _ = torch.linalg.svd(a, full_matrices=False)
+    energy = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+    r = int((energy < 0.8).sum()) + 1
+    assert u.shape == (x.shape[mode], r)
+    torch.testing.assert_close(u @ u.t(), left[:, :r] @ left[:, :r].t(), atol=1e-8, rtol=0)
 
 
 def test_gram_accumulator_equals_gram_of_concatenation():

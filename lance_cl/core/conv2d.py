@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.nn.grad import conv2d_weight
 
 from .tucker import mode_contract, mode_product, project, reconstruct
 
@@ -165,6 +165,25 @@ def block_diagonal(m: Tensor, groups: int) -> Tensor:
     return torch.diagonal(blocks, dim1=0, dim2=2).permute(2, 0, 1).reshape(c_out, f // groups)
 
 
+SMALL_PATCH = 32   # r * kh * kw up to which the rank-space weight gradient uses im2col + matmul
+
+
+def grad_output_flat(grad_output: Tensor) -> Tensor:
+    """(N, C_out, H', W') -> (N, C_out, L), matching the column order of F.unfold."""
+    return grad_output.flatten(2)
+
+
+def conv2d_input_grad(x_shape: Sequence[int], weight: Tensor, grad_output: Tensor,
+                      conv: ConvSpec) -> Tensor:
+    """Exact grad_input of conv2d; needs only the input's shape (the dummy input is never read,
+    and a contiguous one is faster than ``torch.nn.grad.conv2d_input``'s stride-0 dummy)."""
+    dummy = torch.empty(x_shape, dtype=grad_output.dtype, device=grad_output.device)
+    grad_input, _, _ = torch.ops.aten.convolution_backward(
+        grad_output, dummy, weight, None, list(conv.stride), list(conv.padding),
+        list(conv.dilation), False, [0, 0], conv.groups, [True, False, False])
+    return grad_input
+
+
 def tucker_conv2d_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]], grad_output: Tensor,
                               weight_shape: Sequence[int], conv: ConvSpec, layout: str) -> Tensor:
     """Exact weight gradient for the reconstructed input x_hat, computed without rebuilding x_hat.
@@ -174,7 +193,7 @@ def tucker_conv2d_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
     c_out, c_group, kh, kw = weight_shape
     if layout == "patch":
         u_batch, u_fan_in, u_pos = factors
-        gy = project(grad_output.flatten(2), (u_batch, None, u_pos))       # (N, C_out, l)
+        gy = project(grad_output_flat(grad_output), (u_batch, None, u_pos))  # (N, C_out, l)
         m = mode_contract(gy, core, 1)                                      # (C_out, f)
         dw = lift_grouped(m, u_fan_in, conv.groups) if u_fan_in is not None \
             else block_diagonal(m, conv.groups)
@@ -185,8 +204,15 @@ def tucker_conv2d_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
     z = reconstruct(core, factors, modes=(2, 3))                            # (N, c, H, W)
     if u_chan is not None and u_chan.shape[1] <= c_group:
         # Correlate in channel-rank space, then lift: r channels instead of C (ASI eq. 15).
-        m = conv2d_weight(z, (c_out, u_chan.shape[1], kh, kw), gy, conv.stride, conv.padding,
-                          conv.dilation, 1)
+        r = u_chan.shape[1]
+        if r * kh * kw <= SMALL_PATCH:
+            # a handful of input channels: one matmul against the im2col patches beats the
+            # convolution kernel (measured 2-3x on CPU, docs/performance.md)
+            patches = F.unfold(z, (kh, kw), conv.dilation, conv.padding, conv.stride)
+            m = mode_contract(grad_output_flat(gy), patches, 1).reshape(c_out, r, kh, kw)
+        else:
+            m = conv2d_weight(z, (c_out, r, kh, kw), gy, conv.stride, conv.padding,
+                              conv.dilation, 1)
         return lift_grouped(m, u_chan, conv.groups)
     if u_chan is not None:
         # Grouped/depthwise with rank above the group width: rebuild channels, use the grouped
@@ -198,9 +224,8 @@ def tucker_conv2d_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
 def _grad_input_and_bias(ctx, grad_output: Tensor, weight: Tensor):
     grad_input = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_input = conv2d_input(ctx.x_shape, weight.to(grad_output.dtype), grad_output,
-                                  ctx.conv.stride, ctx.conv.padding, ctx.conv.dilation, ctx.conv.groups)
-        grad_input = grad_input.to(ctx.x_dtype)
+        grad_input = conv2d_input_grad(ctx.x_shape, weight.to(grad_output.dtype), grad_output,
+                                       ctx.conv).to(ctx.x_dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_output.sum((0, 2, 3)).to(ctx.bias_dtype)
     return grad_input, grad_bias

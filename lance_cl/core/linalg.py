@@ -84,6 +84,24 @@ def top_eigenvectors(
     return compact(vec[:, :r]), lam
 
 
+def mode_basis(x: Tensor, mode: int, eps: float) -> Tensor:
+    """Leading left singular vectors of X_(m) by the energy rule, for per-step HOSVD.
+
+    When the mode is larger than the product of the others (a Linear layer's feature mode at a
+    small batch), the small dual Gram X_(m)^T X_(m) is eigendecomposed instead and U = X V / sigma:
+    same factors, a (rest x rest) instead of an (n x n) eigenproblem. Returns (n_m, r).
+    """
+    n = x.shape[mode]
+    rest = x.numel() // n
+    if n <= rest:
+        return top_eigenvectors(mode_gram(x, mode), eps=eps)[0]
+    a = x.movedim(mode, 0).reshape(n, rest).to(decomposition_dtype(x.dtype))
+    lam, vec = sorted_eigh(a.t() @ a)
+    r = energy_rank(lam, eps)
+    sigma = lam[:r].clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
+    return orthonormalize((a @ vec[:, :r]) / sigma)
+
+
 def orthonormalize(q: Tensor) -> Tensor:
     """Orthonormal basis of the column span of q: (n, r) -> (n, r), QR in float32 or better."""
     out_dtype = q.dtype

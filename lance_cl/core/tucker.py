@@ -105,16 +105,18 @@ def core_shape(shape: Sequence[int], factors: Factors) -> tuple[int, ...]:
     return tuple(n if u is None else u.shape[1] for n, u in zip(shape, factors))
 
 
-def tucker_bytes(shape: Sequence[int], factors: Factors, element_size: int) -> int:
-    """Bytes of core + factors for an input of ``shape`` (SPEC 3.1). A factor whose row count does
-    not match its mode (a fixed batch factor on a batch of another size) counts as uncompressed."""
+def tucker_bytes(shape: Sequence[int], factors: Sequence, element_size: int) -> int:
+    """Bytes of core + factors for an input of ``shape`` (SPEC 3.1). ``factors`` holds, per mode,
+    a factor (n_m, r_m), its shape as a pair, or None. A factor whose row count does not match its
+    mode (a fixed batch factor on a batch of another size) counts as uncompressed."""
     core = 1
     extra = 0
     for m, n in enumerate(shape):
         u = factors[m] if m < len(factors) else None
-        if u is None or u.shape[0] != n:
+        rows, rank = (None, None) if u is None else tuple(u.shape if hasattr(u, "shape") else u)
+        if u is None or rows != n:
             core *= n
         else:
-            core *= u.shape[1]
-            extra += u.numel()
+            core *= rank
+            extra += rows * rank
     return (core + extra) * element_size
