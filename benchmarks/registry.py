@@ -28,14 +28,21 @@ benchmarks keep a stratified 20 % of train and test and train 2 epochs per task.
   representation matrices; ``val_fraction``; ``threads`` (torch CPU threads for the run,
   None = leave unchanged).
 
-Later benchmarks (CIFAR, MiniImageNet, 5-Datasets) register themselves with
-:func:`register_benchmark`.
+The vision benchmarks (split_cifar10, split_cifar100, split_miniimagenet, five_datasets) live
+in :mod:`lance_cl.benchmarks.vision` and register themselves with :func:`register_benchmark`
+when the package is imported (docs/benchmarks.md).
+
+Downloads: builders that accept a ``download`` keyword get it from :func:`get_benchmark`
+(default: ``$LANCE_CL_DOWNLOAD`` set to 1 / true / yes; ``lance-cl run --download`` sets it).
+Without it nothing touches the network and missing files raise ``DatasetNotFoundError``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import inspect
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -49,7 +56,9 @@ __all__ = [
     "BENCHMARKS",
     "BenchmarkSpec",
     "available_benchmarks",
+    "benchmark_from_task_tensors",
     "benchmark_from_tensors",
+    "download_enabled",
     "get_benchmark",
     "register_benchmark",
 ]
@@ -87,11 +96,14 @@ class BenchmarkSpec:
 
 
 Builder = Callable[..., BenchmarkSpec]
+Stat = Union[float, Sequence[float]]  # a mean / std: one value or one per channel
 BENCHMARKS: dict[str, Builder] = {}
 
 
 def register_benchmark(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register ``builder(*, data_root, seed, quick) -> BenchmarkSpec`` as ``name``."""
+    """Decorator: register ``builder(*, data_root, seed, quick) -> BenchmarkSpec`` as ``name``.
+
+    A builder may also take ``download: bool`` (fetch missing files with torchvision)."""
 
     def deco(builder: Builder) -> Builder:
         if name in BENCHMARKS and BENCHMARKS[name] is not builder:
@@ -107,11 +119,23 @@ def available_benchmarks() -> list[str]:
     return sorted(BENCHMARKS)
 
 
+def download_enabled() -> bool:
+    """True when ``$LANCE_CL_DOWNLOAD`` is 1 / true / yes (what ``lance-cl run --download`` sets)."""
+    return os.environ.get("LANCE_CL_DOWNLOAD", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def get_benchmark(
-    name: str, *, data_root: Optional[Union[str, Path]] = None, seed: int = 0, quick: bool = False
+    name: str,
+    *,
+    data_root: Optional[Union[str, Path]] = None,
+    seed: int = 0,
+    quick: bool = False,
+    download: Optional[bool] = None,
 ) -> BenchmarkSpec:
     """Build benchmark ``name``. ``data_root`` defaults to ``lance_cl.data.default_data_root()``;
-    ``seed`` picks the validation split; ``quick`` uses a subset and few epochs.
+    ``seed`` picks the validation split; ``quick`` uses a subset and few epochs; ``download``
+    (default :func:`download_enabled`) lets torchvision fetch missing CIFAR / MNIST / SVHN files
+    into ``data_root`` (needs the network).
 
     Missing data files raise :class:`lance_cl.data.DatasetNotFoundError` naming them.
     """
@@ -122,7 +146,11 @@ def get_benchmark(
         from lance_cl.data import default_data_root
 
         data_root = default_data_root()
-    return BENCHMARKS[key](data_root=Path(data_root).expanduser(), seed=int(seed), quick=bool(quick))
+    builder = BENCHMARKS[key]
+    kwargs: dict[str, Any] = {"data_root": Path(data_root).expanduser(), "seed": int(seed), "quick": bool(quick)}
+    if "download" in inspect.signature(builder).parameters:
+        kwargs["download"] = download_enabled() if download is None else bool(download)
+    return builder(**kwargs)
 
 
 def _stratified_subset(y: Tensor, fraction: float, seed: int) -> Tensor:
@@ -146,12 +174,16 @@ def benchmark_from_tensors(
     class_order: Optional[list[int]] = None,
     val_fraction: float = 0.05,
     seed: int = 0,
+    mean: Optional[Stat] = None,
+    std: Optional[Stat] = None,
 ) -> tuple[Any, list[Any]]:
     """Task-incremental split of a labelled tensor data set into ``n_tasks`` experiences.
 
     Classes are taken in ``class_order`` (default: natural order) and dealt out in equal
     groups; task label = experience index, labels 0..C-1 within each task. Returns
     ``(benchmark, val_datasets)`` with ``val_fraction`` of every task's training split held out.
+    With ``mean`` / ``std``, ``x_*`` are uint8 (N, C, H, W) images kept in memory as uint8 and
+    normalised per item (``(x / 255 - mean) / std``, :class:`lance_cl.data.NormalizedImages`).
     """
     from avalanche.benchmarks import nc_benchmark
 
@@ -160,12 +192,65 @@ def benchmark_from_tensors(
     n_classes = int(torch.unique(y_train).numel())
     order = list(range(n_classes)) if class_order is None else list(class_order)
     bm = nc_benchmark(
-        TensorDataset(x_train, y_train),
-        TensorDataset(x_test, y_test),
+        _tensor_dataset(x_train, y_train, mean, std),
+        _tensor_dataset(x_test, y_test, mean, std),
         n_experiences=n_tasks,
         task_labels=True,
         shuffle=False,
         fixed_class_order=order,
+        class_ids_from_zero_in_each_exp=True,
+    )
+    return with_validation(bm, val_fraction, seed)
+
+
+def _tensor_dataset(x: Tensor, y: Tensor, mean: Optional[Stat], std: Optional[Stat]) -> TensorDataset:
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is None:
+        return TensorDataset(x, y)
+    from lance_cl.data import NormalizedImages
+
+    return NormalizedImages(x, y, mean, std)  # type: ignore[arg-type]
+
+
+def benchmark_from_task_tensors(
+    train: Sequence[tuple[Tensor, Tensor]],
+    test: Sequence[tuple[Tensor, Tensor]],
+    *,
+    norms: Optional[Sequence[tuple[Stat, Stat]]] = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+) -> tuple[Any, list[Any]]:
+    """One experience per ``(x, y)`` pair (e.g. one data set per task), in the given order.
+
+    Task label = position, labels remapped to 0..C_i-1 inside each task (sorted original
+    labels). ``norms[i] = (mean, std)``: task i's images are uint8 normalised per item
+    (see :func:`benchmark_from_tensors`); without ``norms`` the tensors are used as they are.
+    Returns ``(benchmark, val_datasets)`` like :func:`benchmark_from_tensors`.
+    """
+    from avalanche.benchmarks import nc_benchmark
+
+    from lance_cl.cl.protocol import with_validation
+
+    if len(train) != len(test) or not train:
+        raise ValueError(f"need the same positive number of train and test sets, got {len(train)} and {len(test)}")
+    if norms is not None and len(norms) != len(train):
+        raise ValueError(f"norms has {len(norms)} entries for {len(train)} tasks")
+
+    def sets(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[TensorDataset]:
+        out = []
+        for i, (x, y) in enumerate(pairs):
+            m, s = norms[i] if norms is not None else (None, None)
+            out.append(_tensor_dataset(x, y, m, s))
+        return out
+
+    bm = nc_benchmark(
+        sets(train),
+        sets(test),
+        n_experiences=len(train),
+        task_labels=True,
+        one_dataset_per_exp=True,
+        shuffle=False,
         class_ids_from_zero_in_each_exp=True,
     )
     return with_validation(bm, val_fraction, seed)
@@ -258,11 +343,11 @@ MNIST_DEFAULTS: dict[str, Any] = {
 
 
 @functools.lru_cache(maxsize=4)
-def _mnist_like(name: str, root: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _mnist_like(name: str, root: str, download: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from lance_cl.data import MEAN_STD, load_mnist_like
 
-    x_tr, y_tr = load_mnist_like(name, root, train=True)
-    x_te, y_te = load_mnist_like(name, root, train=False)
+    x_tr, y_tr = load_mnist_like(name, root, train=True, download=download)
+    x_te, y_te = load_mnist_like(name, root, train=False, download=download)
     mean, std = MEAN_STD[name]
 
     def norm(x: Tensor) -> Tensor:
@@ -271,10 +356,12 @@ def _mnist_like(name: str, root: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return norm(x_tr), y_tr, norm(x_te), y_te
 
 
-def _mnist_spec(name: str, bench: str, data_root: Path, seed: int, quick: bool) -> BenchmarkSpec:
+def _mnist_spec(
+    name: str, bench: str, data_root: Path, seed: int, quick: bool, download: bool = False
+) -> BenchmarkSpec:
     from lance_cl.models import SmallCNN
 
-    x_tr, y_tr, x_te, y_te = _mnist_like(name, str(data_root))
+    x_tr, y_tr, x_te, y_te = _mnist_like(name, str(data_root), download)
     defaults = dict(MNIST_DEFAULTS)
     if quick:  # 20 % of every class (train and test), 2 epochs
         tr, te = _stratified_subset(y_tr, 0.2, 0), _stratified_subset(y_te, 0.2, 1)
@@ -298,12 +385,14 @@ def _mnist_spec(name: str, bench: str, data_root: Path, seed: int, quick: bool) 
 
 
 @register_benchmark("split_mnist")
-def _split_mnist(*, data_root: Path, seed: int, quick: bool) -> BenchmarkSpec:
+def _split_mnist(*, data_root: Path, seed: int, quick: bool, download: bool = False) -> BenchmarkSpec:
     """MNIST from ``<data_root>/MNIST/raw``, 5 tasks x 2 classes, SmallCNN 28x28."""
-    return _mnist_spec("mnist", "split_mnist", data_root, seed, quick)
+    return _mnist_spec("mnist", "split_mnist", data_root, seed, quick, download)
 
 
 @register_benchmark("split_fashion_mnist")
-def _split_fashion_mnist(*, data_root: Path, seed: int, quick: bool) -> BenchmarkSpec:
+def _split_fashion_mnist(
+    *, data_root: Path, seed: int, quick: bool, download: bool = False
+) -> BenchmarkSpec:
     """Fashion-MNIST from ``<data_root>/FashionMNIST/raw``, 5 tasks x 2 classes, SmallCNN 28x28."""
-    return _mnist_spec("fashion_mnist", "split_fashion_mnist", data_root, seed, quick)
+    return _mnist_spec("fashion_mnist", "split_fashion_mnist", data_root, seed, quick, download)

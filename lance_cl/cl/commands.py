@@ -8,6 +8,7 @@ each sets ``handler=fn`` with ``fn(args, argv=None) -> exit status`` (the conven
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -67,6 +68,10 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="output directory (default: runs/)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--quick", action="store_true", help="small subset and few epochs (smoke test)")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download missing CIFAR / MNIST / SVHN files into --data-root "
+                        "(needs the network; MiniImageNet and notMNIST are placed by hand, see "
+                        "docs/benchmarks.md). Same as LANCE_CL_DOWNLOAD=1")
     p.add_argument("--no-resume", action="store_true",
                    help="start every run from scratch (default: skip complete runs, resume checkpoints)")
     p.add_argument("--threads", type=int, default=None,
@@ -102,6 +107,8 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
         print(f"lance-cl run: unknown benchmark {args.benchmark!r}; available: "
               f"{', '.join(available_benchmarks())}", file=sys.stderr)
         return 2
+    if getattr(args, "download", False):
+        os.environ["LANCE_CL_DOWNLOAD"] = "1"  # read by lance_cl.benchmarks.get_benchmark
     results, failures = [], []
     start = time.perf_counter()
     for strategy in args.strategies:

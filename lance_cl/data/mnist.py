@@ -60,15 +60,28 @@ def _find(path: Path) -> Path | None:
     return None
 
 
-def load_mnist_like(name: str, root: str | Path, train: bool) -> tuple[Tensor, Tensor]:
+def load_mnist_like(
+    name: str, root: str | Path, train: bool, *, download: bool = False
+) -> tuple[Tensor, Tensor]:
     """Load one split of MNIST / Fashion-MNIST from ``<root>/<MNIST|FashionMNIST>/raw``.
 
     Returns images uint8 (N, 28, 28) and labels int64 (N,). Files may be gzip-compressed or
-    plain. Raises DatasetNotFoundError when a file is missing, ValueError when one is corrupt.
+    plain. When a file is missing and ``download`` is True, torchvision fetches the data set
+    into ``root`` (needs the network). Raises DatasetNotFoundError when a file is (still)
+    missing, ValueError when one is corrupt.
     """
     key = _canonical(name)
     wanted = expected_files(key, root, train)
     found = [_find(p) for p in wanted]
+    failure = ""
+    if download and any(f is None for f in found):
+        import torchvision
+
+        try:
+            getattr(torchvision.datasets, MNIST_LIKE[key][0])(str(Path(root).expanduser()), train=train, download=True)
+        except Exception as e:  # offline, HTTP error...: fall through to the missing-files error
+            failure = f"\nThe download failed: {type(e).__name__}: {e}"
+        found = [_find(p) for p in wanted]
     if any(f is None for f in found):
         folder, source = MNIST_LIKE[key]
         lines = [
@@ -77,9 +90,10 @@ def load_mnist_like(name: str, root: str | Path, train: bool) -> tuple[Tensor, T
         raise DatasetNotFoundError(
             f"{key} ({'train' if train else 'test'} split) not found under {Path(root).expanduser()}.\n"
             "Expected files (plain or .gz):\n" + "\n".join(lines) + "\n"
-            f"Get them from {source}, or let torchvision download them when online, e.g. "
-            f"torchvision.datasets.{folder}(root, download=True) / `--data-root <root>`. "
-            "Set LANCE_CL_DATA to change the default data root."
+            f"Get them from {source}, or let torchvision download them when online: "
+            f"`lance-cl run --download --data-root <root> ...` or "
+            f"torchvision.datasets.{folder}(root, download=True). "
+            "Set LANCE_CL_DATA to change the default data root." + failure
         )
     img_path, lbl_path = found  # type: ignore[misc]
     images = read_idx(img_path)
