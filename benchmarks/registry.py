@@ -288,6 +288,7 @@ DIGITS_DEFAULTS: dict[str, Any] = {
     "eps": 0.97,
     "eps_step": 0.003,
     "alpha": 10.0,
+    "ewc_lambda": 1.0,  # 100 diverges (NaN) at lr 0.1 on this tiny net
     "gpm_samples": 125,
     "val_fraction": 0.05,
     "threads": 1,  # tiny model: one thread beats several competing ones on a shared CPU

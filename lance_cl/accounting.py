@@ -191,7 +191,8 @@ def layer_flops(layer: nn.Module, input_shape: Optional[Sequence[int]] = None) -
 
 
 def _decomposition_macs(method: str, comp, view: Sequence[int]) -> int:
-    """Per-step decomposition cost: Gram + eigendecomposition (hosvd), one subspace-iteration
+    """Per-step decomposition cost: Gram + eigendecomposition of the smaller side, plus U = X V for
+    the dual (hosvd), one subspace-iteration
     step + QR (asi), nothing for fixed subspaces (lance)."""
     total = math.prod(view)
     macs = 0
@@ -200,7 +201,9 @@ def _decomposition_macs(method: str, comp, view: Sequence[int]) -> int:
         n = view[m]
         rest = total // n
         if method == "hosvd":
-            macs += n * n * rest + n ** 3
+            # Gram of the smaller side (mode_basis uses the dual Gram when n > rest) + eigh
+            small, large = min(n, rest), max(n, rest)
+            macs += small * small * large + small ** 3 + (n * rest * ranks[m] if n > rest else 0)
         elif method == "asi":
             r = ranks[m] or n
             macs += min(2 * n * rest * r, n * n * rest + n * n * r) + n * r * r

@@ -253,7 +253,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
               forward: Callable[[nn.Module, Any], Any] = _default_forward,
               loss_fn: Callable[[Any, Any], Tensor] = _default_loss,
               device: Optional[torch.device] = None, progress: bool = True,
-              finish: bool = True) -> CompressionReport:
+              finish: bool = True, batch_norm: str = "batch") -> CompressionReport:
     """One calibration pass: every compressed layer that needs it observes ``num_batches`` batches
     (default: all) in eval mode without gradients, then fixes its factors.
 
@@ -262,15 +262,27 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     ``loss_fn(forward(model, batch), batch)`` (default: cross-entropy on batch[1]).
     ``finish=False`` leaves the gathered Gram matrices in the layers for a caller that chooses
     its own subspaces (``layer.compressor.calibration_grams()`` then ``fix_factors(...)``).
+
+    Dropout is off during calibration. ``batch_norm="batch"`` (default) normalises with batch
+    statistics, as the training steps will (running statistics are left untouched);
+    ``"running"`` uses the running statistics (eval mode), as for a fine-tuned pretrained model
+    whose BatchNorm stays frozen.
     """
+    if batch_norm not in ("batch", "running"):
+        raise ValueError(f"batch_norm={batch_norm!r}: choose 'batch' or 'running'")
     layers = {n: l for n, l in compressed_layers(model).items() if l.compressor.needs_calibration}
     if not layers:
         return report(model)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved_stats = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
     first = None
     seen = 0
     try:
         model.eval()
+        if batch_norm == "batch":
+            for m in norms:
+                m.train()
         for layer in layers.values():
             layer.compressor.start_calibration()
         total = num_batches
@@ -294,7 +306,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     finally:
         for layer in layers.values():
             layer.compressor.calibrating = False
-        model.train(was_training)
+        with torch.no_grad():
+            for m, stats in zip(norms, saved_stats):
+                for k, v in stats.items():
+                    getattr(m, k).copy_(v)
+        for m, training in modes.items():
+            m.training = training
     if not finish:
         return report(model)
     budgeted = {n: l for n, l in layers.items() if getattr(l.compressor, "budget", None) is not None}

@@ -86,3 +86,14 @@ def test_max_tasks_then_resume(tmp_path, monkeypatch) -> None:  # type: ignore[n
     run_experiment("split_digits", "naive", 1, out_dir=tmp_path, epochs=1, quick=True, progress=False,
                    max_tasks=1)
     assert calls.train_calls == 1
+
+
+def test_a_diverged_task_is_a_failure_with_a_clear_message():
+    from lance_cl.cl.runner import _check_finite
+
+    _check_finite(0, [{"epoch": 1, "val_loss": 0.5, "lr": 0.1}], [90.0, 80.0])
+    with pytest.raises(FloatingPointError, match="task 2 diverged.*epoch 3 \\(lr 0.05\\)"):
+        _check_finite(2, [{"epoch": 2, "val_loss": 0.4, "lr": 0.1},
+                          {"epoch": 3, "val_loss": float("nan"), "lr": 0.05}], [90.0])
+    with pytest.raises(FloatingPointError, match="task 0 diverged"):
+        _check_finite(0, [], [float("nan")])

@@ -140,6 +140,28 @@ def test_lance_weight_gradient_is_the_gradient_of_the_reconstructed_input():
     torch.testing.assert_close(got["conv1.weight"], ref_grads["conv1.weight"])
 
 
+def test_calibration_uses_batch_statistics_without_touching_running_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3))
+    model[1].running_mean.fill_(5.0)               # immature/odd running statistics
+    stats = {k: v.clone() for k, v in model[1].named_buffers()}
+    x = torch.randn(32, 3, 8, 8)
+    model.train()
+    model[2].eval()                                 # a per-module mode that must survive
+    lance_cl.compress(model, "lance", layers=["4"], eps=1.0)
+    lance_cl.calibrate(model, [x], progress=False)
+    for k, v in model[1].named_buffers():
+        assert torch.equal(v, stats[k])
+    assert model.training and model[1].training and not model[2].training
+    # the calibrated subspace is that of the training-time (batch-statistics, no dropout) input
+    feats = model[3](model[1](model[0](x))).detach()
+    u = model[4].compressor.factor(1)
+    torch.testing.assert_close(feats @ u @ u.t(), feats, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="batch_norm="):
+        lance_cl.calibrate(model, [x], progress=False, batch_norm="frozen")
+
+
 def test_changing_batch_sizes_work_and_published_batch_factor_falls_back():
     model = make()
     lance_cl.compress(model, "lance", eps=0.9, compress_batch=True)

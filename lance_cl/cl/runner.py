@@ -136,6 +136,17 @@ class ActivationMemoryProbe(SupervisedPlugin):
         self.results[exp] = measure_step_memory(strategy.model, strategy.mb_x, strategy.mb_y, strategy.mb_task_id)
 
 
+def _check_finite(task: int, history: list[dict[str, Any]], accuracies: list[float]) -> None:
+    """A diverged task (NaN/inf validation loss or accuracy) is a failure, not a result."""
+    bad = [h for h in history
+           if h.get("val_loss") is not None and not math.isfinite(float(h["val_loss"]))]
+    if bad or not all(math.isfinite(a) for a in accuracies):
+        where = f" from epoch {bad[0].get('epoch')} (lr {bad[0].get('lr')})" if bad else ""
+        raise FloatingPointError(
+            f"task {task} diverged: non-finite validation loss or accuracy{where}; lower the "
+            f"learning rate or the method's regularisation strength")
+
+
 def measure_step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
     """Activation bytes of one cross-entropy training step on (x, y, t), side-effect free."""
     from lance_cl import measure_activation_memory
@@ -441,6 +452,7 @@ def _run(
                     for exp in spec.test_stream
                 ]
                 eval_time = time.perf_counter() - t1
+                _check_finite(i, schedule.history.get(i, []), row)
                 memory = dict(probe.results.get(i, {}))
                 memory.update({k: v for k, v in strategies.memory_figures(strat).items()})
                 history = schedule.history.get(i, [])
