@@ -97,3 +97,20 @@ def test_a_diverged_task_is_a_failure_with_a_clear_message():
                           {"epoch": 3, "val_loss": float("nan"), "lr": 0.05}], [90.0])
     with pytest.raises(FloatingPointError, match="task 0 diverged"):
         _check_finite(0, [], [float("nan")])
+
+
+@pytest.mark.parametrize("strategy", ["lance", "sgp"])
+def test_real_plugin_run_resumes_exactly(tmp_path, strategy) -> None:  # type: ignore[no-untyped-def]
+    """The real recipes (no stub): stopping after 2 tasks and resuming gives the same accuracy
+    matrix, protected bases and memory figures as an uninterrupted run."""
+    kw = dict(epochs=1, quick=True, progress=False)
+    full = run_experiment("split_digits", strategy, 0, out_dir=tmp_path / "a", **kw)
+    run_experiment("split_digits", strategy, 0, out_dir=tmp_path / "b", max_tasks=2, **kw)
+    resumed = run_experiment("split_digits", strategy, 0, out_dir=tmp_path / "b", **kw)
+    assert resumed["status"] == full["status"] == "complete"
+    np.testing.assert_array_equal(np.array(resumed["accuracy_matrix"]),
+                                  np.array(full["accuracy_matrix"]))
+    for a, b in zip(resumed["per_task"], full["per_task"]):
+        assert a["layers"] == b["layers"]
+        assert a["memory"]["persistent_bytes"] == b["memory"]["persistent_bytes"]
+        assert a["memory"]["activation_layers_bytes"] == b["memory"]["activation_layers_bytes"]
