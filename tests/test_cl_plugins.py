@@ -225,7 +225,8 @@ def test_gpm_projects_gradients_and_sgp_importances_follow_the_formula():
     # first task: importances from the singular values of the representation
     from lance_cl.cl.plugins.base import forward_batch
     from lance_cl.cl.subspace import collect_fan_in_grams
-    loader = torch.utils.data.DataLoader(bm.train_stream[0].dataset.eval(), batch_size=128)
+    from lance_cl.cl.protocol import mixed_loader
+    loader = mixed_loader(bm.train_stream[0].dataset, 128)   # the plugin's sample order
     grams = collect_fan_in_grams(model, ["fc1"], loader, forward_batch, max_samples=125)
     p = plugin.bases["fc1"].double()
     s = torch.einsum("dk,de,ek->k", p, grams["fc1"], p).sqrt()

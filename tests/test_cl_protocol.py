@@ -161,3 +161,18 @@ def test_best_validation_weights_restored() -> None:
     final = model.state_dict()
     assert all(torch.equal(final[k], probe.snapshots[best][k]) for k in final)
     assert not all(torch.equal(final[k], probe.snapshots[3][k]) for k in final)
+
+
+def test_mixed_loader_mixes_class_sorted_data_deterministically():
+    from torch.utils.data import TensorDataset
+
+    from lance_cl.cl.protocol import mixed_loader
+
+    y = torch.cat([torch.zeros(100, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    data = TensorDataset(torch.arange(200).float(), y)          # grouped by class, as benchmarks
+    first = next(iter(mixed_loader(data, 50)))
+    assert 10 < int(first[1].sum()) < 40                       # both classes in the first batch
+    again = next(iter(mixed_loader(data, 50)))
+    assert torch.equal(first[0], again[0])                     # same order every time
+    seen = torch.cat([b[0] for b in mixed_loader(data, 64)])
+    assert torch.equal(seen.sort().values, torch.arange(200).float())   # every sample once

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 __all__ = [
     "GPMSchedulePlugin",
     "evaluate_accuracy",
+    "mixed_loader",
     "split_validation",
     "with_validation",
 ]
@@ -66,10 +67,19 @@ def with_validation(benchmark: Any, fraction: float = 0.05, seed: int = 0) -> tu
     return dataset_benchmark(train_sets, test_sets), val_sets
 
 
-def _loader(dataset: Any, batch_size: int) -> DataLoader:
+def mixed_loader(dataset: Any, batch_size: int, seed: int = 0) -> DataLoader:
+    """Loader over ``dataset`` (eval transforms) in a fixed pseudo-random order.
+
+    Benchmarks store each task's samples grouped by class. Models here normalise with batch
+    statistics (BatchNorm without running statistics), so a batch of one class would be
+    normalised differently from a training batch, and "the first N samples" would all come from
+    one class: evaluation, validation, calibration and basis samples all read in this order.
+    """
     data = dataset.eval() if hasattr(dataset, "eval") else dataset
     collate = getattr(data, "collate_fn", None)
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+
 
 
 def _modes(model: nn.Module) -> dict[nn.Module, bool]:
@@ -100,7 +110,7 @@ def evaluate_accuracy(
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
     try:
-        for batch in _loader(dataset, batch_size):
+        for batch in mixed_loader(dataset, batch_size):
             x, y = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
             if len(batch) >= 3:
                 t = torch.as_tensor(batch[2]).to(device)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from ...core.linalg import check_eps, grow_basis
 from ...core.tucker import compact
+from ..protocol import mixed_loader
 from ..subspace import (DEFAULT_EXCLUDE, check_optimizer, collect_fan_in_grams, fan_in_dim,
                         protected_layer_names, reset_momentum)
 
@@ -77,9 +78,9 @@ class SubspacePlugin(SupervisedPlugin):
         return params
 
     def task_loader(self, strategy, batch_size: Optional[int] = None) -> DataLoader:
-        """The current experience's training data, in order, with eval transforms."""
-        dataset = strategy.experience.dataset.eval()
-        return DataLoader(dataset, batch_size=batch_size or self.eval_mb_size, shuffle=False)
+        """The current experience's training data with eval transforms, in a fixed mixed order
+        (so the first ``basis_samples`` are not all of one class)."""
+        return mixed_loader(strategy.experience.dataset, batch_size or self.eval_mb_size)
 
     def _device_batches(self, loader: DataLoader, device):
         for batch in loader:
