@@ -33,24 +33,26 @@ class Recipe:
     template: type = Naive
 
 
-def _cl_thresholds(d: dict) -> dict:
-    return {"eps": d.get("eps", 0.97), "eps_step": d.get("eps_step", 0.003)}
+def _subspace_options(d: dict) -> dict:
+    """Options every subspace plugin takes from the benchmark defaults."""
+    return {"eps": d.get("eps", 0.97), "eps_step": d.get("eps_step", 0.003),
+            "basis_samples": d.get("gpm_samples", 125)}
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("lance", "LANCE-CL: compressed activations in task subspaces orthogonal to earlier "
                     "tasks (every task compressed)",
-           lambda d: [LanceCLPlugin(**_cl_thresholds(d), train_eps=d.get("train_eps"),
+           lambda d: [LanceCLPlugin(**_subspace_options(d), train_eps=d.get("train_eps"),
                                     position_eps=d.get("position_eps", 0.9),
                                     small_layer_dim=d.get("small_layer_dim", 80))]),
     Recipe("lance_paper", "LANCE-CL as published: task 1 with full backprop, training factors at "
                           "energy 0.98 (threshold-conv), CL thresholds of GPM",
-           lambda d: [LanceCLPlugin(**_cl_thresholds(d), first_task="full", train_eps=0.98,
+           lambda d: [LanceCLPlugin(**_subspace_options(d), first_task="full", train_eps=0.98,
                                     position_eps=0.98)]),
     Recipe("gpm", "GPM (Saha et al. 2021): gradients projected off the protected bases",
-           lambda d: [GPMPlugin(**_cl_thresholds(d))]),
+           lambda d: [GPMPlugin(**_subspace_options(d))]),
     Recipe("sgp", "SGP (Saha & Roy 2023): GPM bases with importance-scaled projection",
-           lambda d: [SGPPlugin(**_cl_thresholds(d), alpha=d.get("alpha", 10.0))]),
+           lambda d: [SGPPlugin(**_subspace_options(d), alpha=d.get("alpha", 10.0))]),
     Recipe("naive", "fine-tuning without protection (lower bound)", lambda d: []),
     Recipe("ewc", "EWC (Kirkpatrick et al. 2017), separate Fisher per task",
            lambda d: [EWCPlugin(ewc_lambda=d.get("ewc_lambda", 100.0))]),

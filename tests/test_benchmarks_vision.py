@@ -28,13 +28,6 @@ GPM_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 GPM_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _items(ds: Any) -> list[tuple[torch.Tensor, int, int]]:
     return [(x, int(y), int(t)) for x, y, t in (ds[i] for i in range(len(ds)))]

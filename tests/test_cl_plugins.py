@@ -270,3 +270,13 @@ def test_memory_figures_lance_holds_factors_gpm_holds_projections():
     gpm_extra = sum(4 * d * d for d, _ in dims.values())
     assert stats["gpm"]["training_extra_bytes"] == gpm_extra
     assert 0 < stats["lance"]["training_extra_bytes"] < gpm_extra
+
+
+@pytest.mark.parametrize("name", ["lance", "lance_paper", "gpm", "sgp"])
+def test_recipes_take_thresholds_and_basis_samples_from_the_benchmark(name):
+    from lance_cl.strategies import build_strategy
+
+    strategy = build_strategy(name, make_model(2), {"eps": 0.965, "eps_step": 0.0,
+                                                   "gpm_samples": 100, "lr": 0.1})
+    plugin = strategy.plugins[0]
+    assert (plugin.eps, plugin.eps_step, plugin.basis_samples) == (0.965, 0.0, 100)

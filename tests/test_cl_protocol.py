@@ -13,13 +13,6 @@ from lance_cl.cl.protocol import GPMSchedulePlugin, split_validation, with_valid
 from lance_cl.models import SmallCNN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _benchmark(n_per_class: int = 24, n_tasks: int = 2):  # type: ignore[no-untyped-def]
     from avalanche.benchmarks import nc_benchmark

@@ -15,13 +15,6 @@ from cl_stubs import install
 KW = dict(epochs=2, quick=True, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: competing OpenMP threads make steps ~100x slower
-    yield
-    torch.set_num_threads(n)
-
 
 def test_uninterrupted_vs_crashed_and_resumed_identical(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     calls = install(monkeypatch)

@@ -33,13 +33,6 @@ from lance_cl.data import (
 from lance_cl.data import image_folder as image_folder_mod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -- CIFAR --------------------------------------------------------------------------------------------
 
