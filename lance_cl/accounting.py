@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .core.conv2d import filter_blocks
-from .layers import CompressedConv2d, CompressedLayer, CompressedLinear
+from .layers import CompressedConv2d, CompressedLayer
 
 
 def measure_activation_memory(model: nn.Module, inputs: Any, loss_fn: Callable[[Any], Tensor],

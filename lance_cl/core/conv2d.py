@@ -168,11 +168,6 @@ def block_diagonal(m: Tensor, groups: int) -> Tensor:
 SMALL_PATCH = 32   # r * kh * kw up to which the rank-space weight gradient uses im2col + matmul
 
 
-def grad_output_flat(grad_output: Tensor) -> Tensor:
-    """(N, C_out, H', W') -> (N, C_out, L), matching the column order of F.unfold."""
-    return grad_output.flatten(2)
-
-
 def conv2d_input_grad(x_shape: Sequence[int], weight: Tensor, grad_output: Tensor,
                       conv: ConvSpec) -> Tensor:
     """Exact grad_input of conv2d; needs only the input's shape (the dummy input is never read,
@@ -193,7 +188,7 @@ def tucker_conv2d_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
     c_out, c_group, kh, kw = weight_shape
     if layout == "patch":
         u_batch, u_fan_in, u_pos = factors
-        gy = project(grad_output_flat(grad_output), (u_batch, None, u_pos))  # (N, C_out, l)
+        gy = project(grad_output.flatten(2), (u_batch, None, u_pos))  # (N, C_out, l)
         m = mode_contract(gy, core, 1)                                      # (C_out, f)
         dw = lift_grouped(m, u_fan_in, conv.groups) if u_fan_in is not None \
             else block_diagonal(m, conv.groups)
@@ -209,7 +204,7 @@ def tucker_conv2d_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
             # a handful of input channels: one matmul against the im2col patches beats the
             # convolution kernel (measured 2-3x on CPU, docs/performance.md)
             patches = F.unfold(z, (kh, kw), conv.dilation, conv.padding, conv.stride)
-            m = mode_contract(grad_output_flat(gy), patches, 1).reshape(c_out, r, kh, kw)
+            m = mode_contract(gy.flatten(2), patches, 1).reshape(c_out, r, kh, kw)
         else:
             m = conv2d_weight(z, (c_out, r, kh, kw), gy, conv.stride, conv.padding,
                               conv.dilation, 1)

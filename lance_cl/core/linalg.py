@@ -188,15 +188,6 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
     return orthonormalize(u), covered
 
 
-def explained_energy(gram: Tensor, basis: Tensor) -> float:
-    """Fraction of tr(C) captured by span(basis): tr(P^T C P) / tr(C)."""
-    total = torch.trace(gram)
-    if total <= 0:
-        return 1.0
-    p = basis.to(gram.dtype)
-    return float((torch.trace(p.t() @ gram @ p) / total).item())
-
-
 class GramAccumulator:
     """Running sum of X_(m) X_(m)^T for selected modes over calibration batches.
 
