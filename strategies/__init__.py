@@ -20,7 +20,7 @@ from avalanche.training import Cumulative, Naive
 from avalanche.training.plugins import AGEMPlugin, EvaluationPlugin, EWCPlugin, LwFPlugin
 from torch import nn
 
-from ..cl.plugins import GPMPlugin, LanceCLPlugin, SGPPlugin, SubspacePlugin
+from ..cl.plugins import GPMPlugin, LanceCLPlugin, ResumableAGEMPlugin, SGPPlugin, SubspacePlugin
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("lwf", "LwF (Li & Hoiem 2017): distillation on old heads",
            lambda d: [LwFPlugin(alpha=d.get("lwf_alpha", 1.0), temperature=d.get("lwf_temperature", 2.0))]),
     Recipe("agem", "A-GEM (Chaudhry et al. 2019): episodic memory, averaged gradient constraint",
-           lambda d: [AGEMPlugin(patterns_per_experience=d.get("agem_patterns", 100),
-                                 sample_size=d.get("agem_sample_size", 64))]),
+           lambda d: [ResumableAGEMPlugin(patterns_per_experience=d.get("agem_patterns", 100),
+                                          sample_size=d.get("agem_sample_size", 64))]),
     Recipe("joint", "cumulative joint training on every task seen so far (upper bound at the end)",
            lambda d: [], template=Cumulative),
 ]}
@@ -167,8 +167,9 @@ _AVALANCHE_PLUGIN_STATE = {EWCPlugin: ("saved_params", "importances"),
 
 def strategy_state(strategy) -> dict[str, Any]:
     """Checkpointable state of the strategy's plugins: ``state_dict()`` where a plugin has one,
-    the known state attributes of Avalanche's EWC and LwF plugins otherwise. (A-GEM's memory
-    holds a data-loader iterator and is not checkpointed: a resumed A-GEM run refills it.)"""
+    the known state attributes of Avalanche's EWC and LwF plugins otherwise. (A-GEM's memory and
+    joint training's data are stored as references to the task datasets: see
+    :func:`load_strategy_state`.)"""
     state = {}
     for i, plugin in enumerate(strategy.plugins):
         key = f"{i}:{type(plugin).__name__}"
@@ -180,19 +181,34 @@ def strategy_state(strategy) -> dict[str, Any]:
     return state
 
 
-def load_strategy_state(strategy, state: dict[str, Any]) -> None:
-    """Inverse of :func:`strategy_state`; also re-applies the plugins' model-side effects."""
+def load_strategy_state(strategy, state: dict[str, Any], past_datasets: Sequence[Any] = ()) -> None:
+    """Inverse of :func:`strategy_state`; also re-applies the plugins' model-side effects.
+
+    ``past_datasets``: the training datasets of the tasks finished before the checkpoint, in
+    task order (``[exp.dataset for exp in train_stream[:k]]``). A-GEM rebuilds its episodic
+    memory from them and joint training (Avalanche's ``Cumulative``) its accumulated data."""
     for i, plugin in enumerate(strategy.plugins):
         key = f"{i}:{type(plugin).__name__}"
         if key not in state:
             continue
-        if hasattr(plugin, "load_state_dict"):
+        if isinstance(plugin, ResumableAGEMPlugin):
+            plugin.load_state_dict(state[key], past_datasets)
+        elif hasattr(plugin, "load_state_dict"):
             plugin.load_state_dict(state[key])
             if hasattr(plugin, "restore_model_state"):
                 plugin.restore_model_state(strategy.model)
         else:
             for attr, value in state[key].items():
                 setattr(plugin, attr, value)
+    if isinstance(strategy, Cumulative):
+        strategy.dataset = _concat(past_datasets)
+
+
+def _concat(datasets: Sequence[Any]) -> Any:
+    """Avalanche's concatenation of ``datasets`` in order (None for none), as Cumulative builds it."""
+    from avalanche.benchmarks.utils.utils import concat_datasets
+
+    return None if len(datasets) == 0 else concat_datasets(list(datasets))
 
 
 __all__ = ["RECIPES", "Recipe", "build_strategy", "memory_figures", "task_diagnostics", "strategy_state",

@@ -51,5 +51,5 @@ def install(monkeypatch: pytest.MonkeyPatch) -> Calls:
     monkeypatch.setattr(S, "build_strategy", build_strategy, raising=False)
     monkeypatch.setattr(S, "memory_figures", memory_figures, raising=False)
     monkeypatch.setattr(S, "strategy_state", lambda strategy: {"stub": 1}, raising=False)
-    monkeypatch.setattr(S, "load_strategy_state", lambda strategy, state: None, raising=False)
+    monkeypatch.setattr(S, "load_strategy_state", lambda strategy, state, past_datasets=(): None, raising=False)
     return calls

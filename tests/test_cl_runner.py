@@ -92,7 +92,7 @@ def test_a_diverged_task_is_a_failure_with_a_clear_message():
         _check_finite(0, [], [float("nan")])
 
 
-@pytest.mark.parametrize("strategy", ["lance", "sgp"])
+@pytest.mark.parametrize("strategy", ["lance", "sgp", "ewc", "lwf", "agem", "joint"])
 def test_real_plugin_run_resumes_exactly(tmp_path, strategy) -> None:  # type: ignore[no-untyped-def]
     """The real recipes (no stub): stopping after 2 tasks and resuming gives the same accuracy
     matrix, protected bases and memory figures as an uninterrupted run."""

@@ -421,8 +421,10 @@ def _run(
         if resume and ckpt_file.is_file():
             ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
             if _matches(ckpt.get("config", {}), config):
+                start = int(ckpt["completed_tasks"])
                 strat.model.load_state_dict(ckpt["model"], strict=False)
-                strategies.load_strategy_state(strat, ckpt["strategy"])
+                strategies.load_strategy_state(
+                    strat, ckpt["strategy"], [spec.train_stream[j].dataset for j in range(start)])
                 strat.optimizer.load_state_dict(ckpt["optimizer"])
                 for k, v in ckpt.get("clock", {}).items():
                     setattr(strat.clock, k, v)
@@ -430,7 +432,6 @@ def _run(
                 results.update({k: ckpt["results"][k] for k in (
                     "accuracy_matrix", "per_task", "completed_tasks", "train_time_s")})
                 results["versions_at_start"] = ckpt["results"].get("versions")
-                start = int(ckpt["completed_tasks"])
                 _set_rng_state(ckpt["rng"])
         stop = n_tasks if max_tasks is None else min(n_tasks, int(max_tasks))
         eval_bs = int(d.get("eval_batch_size", 256))
