@@ -139,12 +139,16 @@ def complement_projector_apply(gram: Tensor, basis: Optional[Tensor]) -> Tensor:
     return cp - (cp @ p) @ p.t()
 
 
-def complement_basis(basis: Optional[Tensor], dim: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Orthonormal basis (dim, dim - k) of the orthogonal complement of span(basis) (dim, k)."""
+def complement_basis(basis: Optional[Tensor], dim: int, dtype: torch.dtype = torch.float64,
+                     device: Optional[torch.device] = None) -> Tensor:
+    """Orthonormal basis (dim, dim - k) of the orthogonal complement of span(basis) (dim, k),
+    on ``device`` (default: the basis' device, else the CPU)."""
+    if device is None and basis is not None:
+        device = basis.device
     if basis is None or basis.shape[1] == 0:
-        return torch.eye(dim, dtype=dtype)
-    p = basis.to(dtype)
-    lam, vec = torch.linalg.eigh(torch.eye(dim, dtype=dtype) - p @ p.t())
+        return torch.eye(dim, dtype=dtype, device=device)
+    p = basis.to(device=device, dtype=dtype)
+    lam, vec = torch.linalg.eigh(torch.eye(dim, dtype=dtype, device=device) - p @ p.t())
     return compact(vec[:, lam > 0.5])
 
 
@@ -158,16 +162,17 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
     ``take_all`` returns the whole complement of P, ordered by energy (solved in complement
     coordinates, so zero-energy directions are orthogonal to P too). Only positive-energy
     directions are ever taken otherwise; they are re-orthogonalised against P in float64.
-    Returns (U (d, r) orthonormal, possibly r = 0; a).
+    Returns (U (d, r) orthonormal, possibly r = 0; a), on the Gram's device (P may live
+    elsewhere, e.g. on the CPU while the Gram was accumulated on a GPU).
     """
     check_eps(eps)
     work = torch.float64
     c = gram.to(work)
     d = c.shape[0]
     total = torch.trace(c)
-    p = None if basis is None or basis.shape[1] == 0 else basis.to(work)
+    p = None if basis is None or basis.shape[1] == 0 else basis.to(device=c.device, dtype=work)
     if take_all:
-        q = complement_basis(p, d, work)
+        q = complement_basis(p, d, work, device=c.device)
         lam, vec = sorted_eigh(q.t() @ c @ q)
         covered = 1.0 if total <= 0 else float(((total - lam.clamp_min(0).sum()) / total).item())
         return compact(q @ vec), covered
@@ -179,7 +184,7 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
     covered = 1.0 if total <= 0 else float(((total - lam.sum()) / total).item())
     positive = int((lam > lam[0] * 1e-10).sum().item()) if lam.numel() and lam[0] > 0 else 0
     if covered >= eps or total <= 0 or positive == 0:
-        return torch.zeros(d, 0, dtype=work), covered
+        return torch.zeros(d, 0, dtype=work, device=c.device), covered
     cumulative = covered + torch.cumsum(lam, 0) / total
     r = min(int((cumulative < eps).sum().item()) + 1, positive)
     u = vec[:, :r]

@@ -126,8 +126,10 @@ class SubspacePlugin(SupervisedPlugin):
         """After the bases grew."""
 
     def update_basis(self, name: str, old: Optional[Tensor], new: Tensor, gram: Tensor) -> None:
-        basis = new if old is None else torch.cat([old.to(new.dtype), new], dim=1)
-        self.bases[name] = compact(basis[:, : basis.shape[0]].float())
+        """Append ``new`` (d, r) to the basis; bases are kept on the CPU in float32 (they are
+        persistent state; a training device gets what it needs in ``prepare_task``)."""
+        basis = new if old is None else torch.cat([old.to(new), new], dim=1)
+        self.bases[name] = compact(basis[:, : basis.shape[0]].float().cpu())
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -137,7 +139,7 @@ class SubspacePlugin(SupervisedPlugin):
                 "eps": self.eps, "eps_step": self.eps_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.bases = {k: v.clone() for k, v in state["bases"].items()}
+        self.bases = {k: v.detach().float().cpu().clone() for k, v in state["bases"].items()}
         self.tasks_trained = int(state["tasks_trained"])
         self.layer_log = list(state["layer_log"])
         self.eps, self.eps_step = state["eps"], state["eps_step"]

@@ -84,7 +84,7 @@ class SGPPlugin(GPMPlugin):
     def update_basis(self, name: str, old: Optional[Tensor], new: Tensor, gram: Tensor) -> None:
         super().update_basis(name, old, new, gram)
         basis = self.bases[name].to(torch.float64)
-        s = torch.einsum("dk,de,ek->k", basis, gram.to(torch.float64), basis).clamp_min(0).sqrt()
+        s = torch.einsum("dk,de,ek->k", basis, gram.to(basis), basis).clamp_min(0).sqrt()
         fresh = (self.alpha + 1) * s / (self.alpha * s + s.max().clamp_min(1e-30))
         k_old = 0 if old is None else old.shape[1]
         previous = self.importances.get(name, torch.zeros(0, dtype=torch.float64)).to(torch.float64)
@@ -103,7 +103,7 @@ class SGPPlugin(GPMPlugin):
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
-        self.importances = {k: v.clone() for k, v in state["importances"].items()}
+        self.importances = {k: v.detach().float().cpu().clone() for k, v in state["importances"].items()}
         self.alpha = state["alpha"]
 
     def persistent_bytes(self) -> int:
