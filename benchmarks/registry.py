@@ -14,8 +14,8 @@ Registered now:
   (``<root>/MNIST/raw``, ``<root>/FashionMNIST/raw``), normalised with the training mean / std,
   5 tasks x 2 classes; SmallCNN 28x28 (16, 32 channels, 128 hidden), 5 heads. GPM's CIFAR-100
   protocol (lr 0.01, batch 64, patience 6, factor 2, lr_min 1e-5, at most 200 epochs with
-  early stopping; no published one exists for these data sets). Early stopping ends a task
-  after 70-110 epochs, about 45 min per run on one CPU thread; ``--epochs 20`` for shorter runs.
+  early stopping; no published one exists for these data sets). Tasks ran 74 to 200 epochs
+  in docs/results.md, 61 to 86 min per run on one CPU thread; ``--epochs 20`` for shorter runs.
 
 ``quick=True``: split_digits keeps all data and trains 3 epochs per task; the MNIST-like
 benchmarks keep a stratified 20 % of train and test and train 2 epochs per task.
@@ -331,7 +331,7 @@ MNIST_DEFAULTS: dict[str, Any] = {
     "lr": 0.01,
     "batch_size": 64,
     "eval_batch_size": 512,
-    "epochs": 200,  # GPM's maximum; early stopping (lr < lr_min) ends tasks well before
+    "epochs": 200,  # GPM's maximum; early stopping (lr < lr_min) usually ends a task before
     "patience": 6,
     "lr_factor": 2.0,
     "lr_min": 1e-5,
