@@ -28,6 +28,7 @@ from torch import Tensor
 from lance_cl.data import GPM_CIFAR_MEAN, GPM_CIFAR_STD, NOTMNIST_MEAN, NOTMNIST_STD, SVHN_MEAN, SVHN_STD
 
 from .registry import (
+    GPM_CIFAR100_PROTOCOL,
     BenchmarkSpec,
     _stratified_subset,
     benchmark_from_task_tensors,
@@ -51,25 +52,8 @@ QUICK_TRAIN_FRACTION = 0.1
 QUICK_TEST_FRACTION = 0.2
 QUICK_EPOCHS = 2
 
-# GPM, 10-split CIFAR-100 (official script main_cifar100.py): SGD lr 0.01, batch 64, lr / 2
-# after 6 epochs without validation improvement, stop below 1e-5 or after 200 epochs, 5 %
-# validation, threshold 0.97 + 0.003 t, 125 samples for the representation matrices;
-# SGP's alpha = 10 for CIFAR-100. Test batches of 64 matter: BatchNorm uses batch statistics.
-CIFAR100_DEFAULTS: dict[str, Any] = {
-    "lr": 0.01,
-    "batch_size": 64,
-    "eval_batch_size": 64,
-    "epochs": 200,
-    "patience": 6,
-    "lr_factor": 2.0,
-    "lr_min": 1e-5,
-    "eps": 0.97,
-    "eps_step": 0.003,
-    "alpha": 10.0,
-    "gpm_samples": 125,
-    "val_fraction": 0.05,
-    "threads": None,
-}
+# GPM's own protocol (benchmarks/registry.py, GPM_CIFAR100_PROTOCOL).
+CIFAR100_DEFAULTS: dict[str, Any] = dict(GPM_CIFAR100_PROTOCOL)
 
 # No published GPM protocol for Split CIFAR-10: GPM's CIFAR-100 one is reused.
 CIFAR10_DEFAULTS: dict[str, Any] = dict(CIFAR100_DEFAULTS)
