@@ -30,7 +30,20 @@ def forward_batch(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
 
 
 class SubspacePlugin(SupervisedPlugin):
-    """Base class: protected bases, threshold schedule, freezing rules, optimizer guard, state."""
+    """Base class: protected bases, threshold schedule, freezing rules, optimizer guard, state.
+
+    End-of-task contract (independent of the order of ``strategy.plugins``): the protected basis
+    must describe the weights a task *ends* with. ``after_training_exp`` therefore only records
+    that the finished task is pending (with a reference to its dataset); the basis grows, and the
+    task is finished (``finish_task``, layer log, ``tasks_trained``), in ``after_training``, which
+    Avalanche calls once every plugin's ``after_training_exp`` has run; when one ``train()`` call
+    holds several experiences, a pending task is finished first thing in the next
+    ``before_training_exp``, which runs after every plugin's ``after_training_exp`` of the
+    previous experience. A plugin that changes the weights at the end of a task (such as
+    :class:`~lance_cl.cl.protocol.GPMSchedulePlugin` restoring its best-validation weights) must
+    do so in ``after_training_exp``, and no plugin may change the protected weights in
+    ``before_training_exp``. ``state_dict`` refuses to run while a task is pending.
+    """
 
     name = "subspace"
 
@@ -51,6 +64,7 @@ class SubspacePlugin(SupervisedPlugin):
         self.tasks_trained = 0
         self.layer_log: list[dict[str, Any]] = []    # per task, per layer: ranks, energy, frozen
         self._names: Optional[list[str]] = None
+        self._pending: Optional[Any] = None          # dataset of a trained task whose basis has not grown
 
     # -- helpers ------------------------------------------------------------------------------
     def threshold(self, task: int) -> float:
@@ -77,10 +91,12 @@ class SubspacePlugin(SupervisedPlugin):
                 params.append(bias)
         return params
 
-    def task_loader(self, strategy, batch_size: Optional[int] = None) -> DataLoader:
-        """The current experience's training data with eval transforms, in a fixed mixed order
-        (so the first ``basis_samples`` are not all of one class)."""
-        return mixed_loader(strategy.experience.dataset, batch_size or self.eval_mb_size)
+    def task_loader(self, strategy, batch_size: Optional[int] = None,
+                    dataset: Optional[Any] = None) -> DataLoader:
+        """``dataset`` (default: the current experience's training data) with eval transforms, in
+        a fixed mixed order (so the first ``basis_samples`` are not all of one class)."""
+        data = strategy.experience.dataset if dataset is None else dataset
+        return mixed_loader(data, batch_size or self.eval_mb_size)
 
     def _device_batches(self, loader: DataLoader, device):
         for batch in loader:
@@ -88,6 +104,7 @@ class SubspacePlugin(SupervisedPlugin):
 
     # -- Avalanche callbacks ------------------------------------------------------------------
     def before_training_exp(self, strategy, *args, **kwargs):
+        self._finish_pending(strategy)      # earlier experience of the same train() call
         model = strategy.model
         names = self.protected_names(model)
         check_optimizer(strategy.optimizer, self.protected_weights(model), type(self).__name__,
@@ -100,9 +117,20 @@ class SubspacePlugin(SupervisedPlugin):
         self.prepare_task(strategy)
 
     def after_training_exp(self, strategy, *args, **kwargs):
+        """Only mark the task pending: other plugins may still change the weights (class doc)."""
+        self._pending = strategy.experience.dataset
+
+    def after_training(self, strategy, *args, **kwargs):
+        self._finish_pending(strategy)
+
+    def _finish_pending(self, strategy) -> None:
+        """Grow the bases from the pending task's data and the weights as they are now."""
+        if self._pending is None:
+            return
+        dataset, self._pending = self._pending, None
         model = strategy.model
         names = self.protected_names(model)
-        loader = self.task_loader(strategy)
+        loader = self.task_loader(strategy, dataset=dataset)
         grams = collect_fan_in_grams(model, names, self._device_batches(loader, strategy.device),
                                      forward_batch, max_samples=self.basis_samples)
         eps_t = self.threshold(self.tasks_trained)
@@ -123,7 +151,7 @@ class SubspacePlugin(SupervisedPlugin):
         """Before training a task (optimizer checked, first-task-only parameters frozen)."""
 
     def finish_task(self, strategy) -> None:
-        """After the bases grew."""
+        """After the bases grew from the weights the task ended with (see the class doc)."""
 
     def update_basis(self, name: str, old: Optional[Tensor], new: Tensor, gram: Tensor) -> None:
         """Append ``new`` (d, r) to the basis; bases are kept on the CPU in float32 (they are
@@ -133,7 +161,11 @@ class SubspacePlugin(SupervisedPlugin):
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: bases, task count, logs (CPU tensors and plain data)."""
+        """Everything needed to resume: bases, task count, logs (CPU tensors and plain data).
+        Only between ``train()`` calls: a task whose basis is still pending cannot be saved."""
+        if self._pending is not None:
+            raise RuntimeError(f"{type(self).__name__}.state_dict(): the last task's basis grows "
+                               f"in after_training; checkpoint after strategy.train() returns")
         return {"bases": {k: v.clone() for k, v in self.bases.items()},
                 "tasks_trained": self.tasks_trained, "layer_log": list(self.layer_log),
                 "eps": self.eps, "eps_step": self.eps_step}
@@ -143,6 +175,7 @@ class SubspacePlugin(SupervisedPlugin):
         self.tasks_trained = int(state["tasks_trained"])
         self.layer_log = list(state["layer_log"])
         self.eps, self.eps_step = state["eps"], state["eps_step"]
+        self._pending = None
 
     def restore_model_state(self, model: nn.Module) -> None:
         """Re-apply the freezing a resumed run would have set up (first-task-only parameters)."""

@@ -1,0 +1,180 @@
+"""The protected bases describe the weights a task ends with, whatever the plugin order.
+
+Task 1's inputs lie in a 6-dim subspace S of R^20 and the body is fc1 -> fc2 (no non-linearity in
+between), so fc2's task-1 inputs W1 x + b1 lie in a 7-dim span that depends on the task-1
+weights. The validation set of task 1 has flipped labels, so its best epoch is the first and
+GPMSchedulePlugin restores the epoch-1 weights at the end of the task: a basis grown before that
+restore would describe a discarded network, and task 2 would move task 1's outputs.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from avalanche.benchmarks import nc_benchmark
+from avalanche.core import SupervisedPlugin
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from lance_cl.cl.plugins import GPMPlugin, LanceCLPlugin, SGPPlugin
+from lance_cl.cl.protocol import GPMSchedulePlugin
+from lance_cl.models.heads import MultiHeadModule
+
+D_IN, D_SPAN, N = 20, 6, 96
+
+
+class TwoLayerBody(MultiHeadModule):
+    """fc1 (20 -> 16) -> fc2 (16 -> 12) -> ReLU -> one head per task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D_IN, 16)
+        self.fc2 = nn.Linear(16, 12)
+        self._make_heads(12, 2, 2)
+
+    def features(self, x: Tensor) -> Tensor:
+        return torch.relu(self.fc2(self.fc1(x)))
+
+
+def _span() -> Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.linalg.qr(torch.randn(D_IN, D_SPAN, generator=g))[0]      # (20, 6) orthonormal
+
+
+def _data():
+    """Task 1 (classes 0, 1): inputs in span(A); task 2 (classes 2, 3): inputs in all of R^20.
+    Returns (benchmark, validation sets with task 1's labels flipped, A)."""
+    g = torch.Generator().manual_seed(0)
+    a = _span()
+    z = torch.randn(N, D_SPAN, generator=g)
+    x1, y1 = z @ a.t(), (z[:, 0] > 0).long()
+    x2 = torch.randn(N, D_IN, generator=g)
+    y2 = 2 + (x2[:, :3].sum(1) > 0).long()
+    x, y = torch.cat([x1, x2]), torch.cat([y1, y2])
+    bm = nc_benchmark(TensorDataset(x, y), TensorDataset(x, y), n_experiences=2, task_labels=True,
+                      shuffle=False, fixed_class_order=[0, 1, 2, 3],
+                      class_ids_from_zero_in_each_exp=True)
+    zv = torch.randn(32, D_SPAN, generator=g)
+    val1 = TensorDataset(zv @ a.t(), (zv[:, 0] <= 0).long())         # flipped: epoch 1 is best
+    xv2 = torch.randn(32, D_IN, generator=g)
+    val2 = TensorDataset(xv2, (xv2[:, :3].sum(1) > 0).long())
+    return bm, [val1, val2], a
+
+
+def _plugin(cls):
+    options = dict(eps=0.9999, eps_step=0.0, basis_samples=10 * N)
+    if cls is SGPPlugin:
+        # every importance rounds to 1 in float32: SGP must then protect the whole span exactly
+        options["alpha"] = 1e12
+    return cls(**options)
+
+
+def _strategy(subspace, schedule, order: str, epochs: int = 4):
+    torch.manual_seed(0)
+    model = TwoLayerBody()
+    plugins = [subspace, schedule] if order == "subspace_first" else [schedule, subspace]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = EvaluationPlugin(loggers=[])
+    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.2),
+                 criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=epochs,
+                 eval_mb_size=64, plugins=plugins, evaluator=evaluator)
+
+
+@torch.no_grad()
+def _task1_outputs(model: nn.Module, x: Tensor) -> Tensor:
+    model.eval()
+    out = model(x, 0).double()
+    model.train()
+    return out
+
+
+class _WeightsAtEpoch(SupervisedPlugin):
+    """Copy of the model's parameters after every epoch of experience 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshots: list[dict[str, Tensor]] = []
+
+    def after_training_epoch(self, strategy, *args, **kwargs):
+        if strategy.experience.current_experience == 0:
+            self.snapshots.append({k: v.detach().clone() for k, v in strategy.model.state_dict().items()})
+
+
+def _inputs_in_span(a: Tensor) -> Tensor:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(40, D_SPAN, generator=g) @ a.t()
+
+
+@pytest.mark.parametrize("order", ["subspace_first", "schedule_first"])
+@pytest.mark.parametrize("cls", [GPMPlugin, SGPPlugin, LanceCLPlugin])
+def test_task1_outputs_survive_task2_when_best_weights_are_restored(cls, order):
+    bm, vals, a = _data()
+    subspace = _plugin(cls)
+    schedule = GPMSchedulePlugin(vals, lr=0.2, patience=50)
+    probe = _WeightsAtEpoch()
+    strategy = _strategy(subspace, schedule, order)
+    strategy.plugins.append(probe)
+    strategy.train(bm.train_stream[0])
+    model = strategy.model
+    assert schedule.best_epoch[0] == 1 and len(schedule.history[0]) == 4
+    # the restore matters: the last epoch's fc1 differs from the restored (epoch-1) one
+    assert (probe.snapshots[-1]["fc1.weight"] - model.fc1.weight).abs().max() > 1e-2
+    torch.testing.assert_close(model.fc1.weight.detach(), probe.snapshots[0]["fc1.weight"])
+    # fc2's basis spans fc2's task-1 inputs under the restored weights
+    x = _inputs_in_span(a)
+    with torch.no_grad():
+        h = model.fc1(x).double()
+    p = subspace.bases["fc2"].double()
+    assert p.shape[1] < 16
+    assert (h - (h @ p) @ p.t()).norm() < 1e-4 * h.norm()
+    before = _task1_outputs(model, x)
+    strategy.train(bm.train_stream[1])
+    assert (model.fc1.weight.detach() - probe.snapshots[0]["fc1.weight"]).abs().max() > 1e-3
+    torch.testing.assert_close(_task1_outputs(model, x), before, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("cls", [GPMPlugin, LanceCLPlugin])
+def test_two_experiences_in_one_train_call_grow_both_bases(cls):
+    bm, vals, a = _data()
+    # reference: one train() call per experience
+    ref_plugin = _plugin(cls)
+    ref = _strategy(ref_plugin, GPMSchedulePlugin(vals, lr=0.2, patience=50), "subspace_first", 2)
+    ref.train(bm.train_stream[0])
+    ref_bases0 = {n: b.clone() for n, b in ref_plugin.bases.items()}
+    ref.train(bm.train_stream[1])
+
+    plugin = _plugin(cls)
+    schedule = GPMSchedulePlugin(vals, lr=0.2, patience=50)
+    strategy = _strategy(plugin, schedule, "subspace_first", 2)
+    strategy.train([bm.train_stream[0], bm.train_stream[1]])
+    assert schedule.best_epoch[0] == 1
+    assert plugin.tasks_trained == 2 and [e["task"] for e in plugin.layer_log] == [0, 1]
+    assert plugin.layer_log == ref_plugin.layer_log
+    for name, basis in ref_plugin.bases.items():
+        k0 = ref_bases0[name].shape[1]
+        assert 0 < k0 < basis.shape[1] or k0 == basis.shape[1] == basis.shape[0]
+        torch.testing.assert_close(plugin.bases[name], basis, rtol=0, atol=1e-5)
+    # task 1 is protected in the one-call run too
+    x = _inputs_in_span(a)
+    torch.testing.assert_close(_task1_outputs(strategy.model, x), _task1_outputs(ref.model, x),
+                               rtol=0, atol=2e-5)
+
+
+def test_state_dict_refuses_a_pending_basis():
+    bm, vals, _ = _data()
+    plugin = _plugin(GPMPlugin)
+    strategy = _strategy(plugin, GPMSchedulePlugin(vals, lr=0.2, patience=50), "subspace_first", 1)
+    seen = {}
+
+    class Checkpoint(SupervisedPlugin):
+        def after_training_exp(self, strategy, *args, **kwargs):
+            with pytest.raises(RuntimeError, match="after_training"):
+                plugin.state_dict()
+            seen["checked"] = True
+    strategy.plugins.append(Checkpoint())
+    strategy.train(bm.train_stream[0])
+    assert seen["checked"] and plugin.state_dict()["tasks_trained"] == 1
