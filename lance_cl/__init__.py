@@ -6,11 +6,13 @@ Core API::
     lance_cl.calibrate(model, loader, num_batches=100)
     stats = lance_cl.measure_activation_memory(model, x, loss_fn)
     lance_cl.uncompress(model)
+    lance_cl.compact_activations(model)   # ReLU / dropout / max-pool / BatchNorm save compact forms
 
 Continual learning: ``lance_cl.LanceCLPlugin`` (and the ``GPMPlugin`` / ``SGPPlugin`` baselines)
 plug into any Avalanche strategy.
 """
 from .accounting import layer_flops, measure_activation_memory
+from .compact import CompactReport, compact_activations, compact_report, uncompact_activations
 from .compressors import METHODS, CalibrationError, Compressor, register_method
 from .core.budget import BudgetTooSmallError
 from .wrap import CompressionReport, calibrate, compress, report, select_layers, uncompress
@@ -27,7 +29,8 @@ def __getattr__(name: str):
         return getattr(plugins, name)
     raise AttributeError(f"module 'lance_cl' has no attribute {name!r}")
 
-__all__ = ["compress", "uncompress", "calibrate", "report", "select_layers",
+__all__ = ["compress", "uncompress", "compact_activations", "uncompact_activations",
+           "compact_report", "CompactReport", "calibrate", "report", "select_layers",
            "measure_activation_memory", "layer_flops", "CompressionReport", "CalibrationError",
            "BudgetTooSmallError", "Compressor", "METHODS", "register_method", "__version__",
            "LanceCLPlugin", "GPMPlugin", "SGPPlugin"]

@@ -1,0 +1,135 @@
+"""Compact saved tensors for a whole model: ``compact_activations(model)`` swaps every ReLU /
+ReLU6 / Hardtanh / LeakyReLU, Dropout, MaxPool2d and BatchNorm for its compact version (same
+Parameters, buffers and state_dict; exact forward; only what backward keeps changes), and can mark
+segments to be recomputed in backward. ``uncompact_activations(model)`` undoes it.
+
+Works on any model built from these modules (torchvision's ResNet and MobileNetV2, Avalanche's
+models, the models of :mod:`lance_cl.models`); ops called functionally (``F.relu(x)`` inside a
+forward) are not reached and keep their plain form.
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from torch import Tensor, nn
+
+from .core.compact import BATCH_NORM_STORAGES, DROPOUT_MODES, recompute_segment
+from .layers.compact import COMPACT_MODULES, CompactModule
+
+KINDS = ("activation", "dropout", "pooling", "batch_norm")
+
+
+@dataclass
+class CompactRow:
+    name: str
+    kind: str       # activation, dropout, pooling, batch_norm, segment
+    type: str       # the plain module type, or "segment"
+    saves: str
+
+
+class CompactReport(list):
+    """One :class:`CompactRow` per compacted module or recomputed segment."""
+
+    def __str__(self) -> str:
+        head = f"{'module':<32} {'type':<14} saves"
+        lines = [head, "-" * (len(head) + 20)]
+        lines += [f"{r.name:<32} {r.type:<14} {r.saves}" for r in self]
+        return "\n".join(lines)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _recomputed_forward(module: nn.Module, forward, *args, **kwargs) -> Tensor:
+    if len(args) != 1 or kwargs:
+        raise TypeError(f"a recomputed segment takes one tensor input; {type(module).__name__} got "
+                        f"{len(args)} positional and {len(kwargs)} keyword arguments")
+    return recompute_segment(forward, args[0], module)
+
+
+def _mark_recompute(model: nn.Module, name: str) -> None:
+    declared = getattr(model, "segment_names", lambda: ())()
+    named = dict(model.named_modules())
+    if name in declared:
+        model.recomputed_segments = set(getattr(model, "recomputed_segments", set())) | {name}
+    elif name and name in named:
+        module = named[name]
+        if "forward" not in module.__dict__:
+            module.forward = functools.partial(_recomputed_forward, module, module.forward)
+    else:
+        raise ValueError(f"recompute={name!r} is neither a submodule nor a segment of "
+                         f"{type(model).__name__} (segments it declares: {list(declared) or 'none'}; "
+                         f"submodules look like {[n for n in named if n][:6]})")
+
+
+def compact_activations(model: nn.Module, *, batch_norm: str = "float", dropout: str = "regenerate",
+                        kinds: Sequence[str] = KINDS, layers: Optional[Sequence[str]] = None,
+                        recompute: Sequence[str] = ()) -> CompactReport:
+    """Swap the model's activation, dropout, max-pool and batch-norm modules in place.
+
+    batch_norm: storage of the normalised input, "float" (exact), "bf16" or "int8" (approximate,
+    explicit opt-in). dropout: "regenerate" (mask rebuilt from a seed) or "packed" (1-bit mask).
+    kinds: which of ``KINDS`` to compact. layers: optional module-name globs to restrict to.
+    recompute: submodule names (or segments the model declares, e.g. AlexNet5's "stem") whose
+    forward is recomputed in backward, keeping only their input. Returns the report.
+    """
+    if batch_norm not in BATCH_NORM_STORAGES:
+        raise ValueError(f"batch_norm={batch_norm!r}: choose one of {BATCH_NORM_STORAGES}")
+    if dropout not in DROPOUT_MODES:
+        raise ValueError(f"dropout={dropout!r}: choose one of {DROPOUT_MODES}")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"kinds={unknown}: choose from {KINDS}")
+    if isinstance(recompute, str):
+        recompute = (recompute,)
+    options = {"batch_norm": batch_norm, "dropout": dropout}
+    for name, module in list(model.named_modules()):
+        if layers is not None and not any(fnmatch.fnmatchcase(name, p) for p in layers):
+            continue
+        if isinstance(module, CompactModule):
+            module = module.to_plain()
+        cls = COMPACT_MODULES.get(type(module))
+        if cls is None or cls.kind not in kinds:
+            continue
+        new = cls.from_module(module, **{k: options[k] for k in cls.options})
+        if name:
+            _set_module(model, name, new)
+        else:
+            raise ValueError(f"the model itself is a {type(module).__name__}: wrap it in a container")
+    for name in recompute:
+        _mark_recompute(model, name)
+    return compact_report(model)
+
+
+def compact_report(model: nn.Module) -> CompactReport:
+    """The compacted modules and recomputed segments of ``model``."""
+    rows = CompactReport()
+    for name in sorted(getattr(model, "recomputed_segments", ())):
+        rows.append(CompactRow(name, "segment", "segment", "its input (recomputed in backward)"))
+    for name, module in model.named_modules():
+        if "forward" in module.__dict__ and isinstance(module.forward, functools.partial) \
+                and module.forward.func is _recomputed_forward:
+            rows.append(CompactRow(name, "segment", type(module).__name__,
+                                   "its input (recomputed in backward)"))
+        if isinstance(module, CompactModule):
+            rows.append(CompactRow(name, module.kind, module.plain_type.__name__, module.saves()))
+    return rows
+
+
+def uncompact_activations(model: nn.Module) -> nn.Module:
+    """Restore the plain modules (same Parameters and buffers) and stop recomputing; returns model."""
+    for name, module in list(model.named_modules()):
+        if "forward" in module.__dict__ and isinstance(module.forward, functools.partial) \
+                and module.forward.func is _recomputed_forward:
+            del module.forward
+        if isinstance(module, CompactModule) and name:
+            _set_module(model, name, module.to_plain())
+    if hasattr(model, "recomputed_segments"):
+        model.recomputed_segments = set()
+    return model

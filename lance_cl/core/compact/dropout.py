@@ -1,0 +1,73 @@
+"""Dropout whose backward regenerates its mask from a saved seed (or reads it bit-packed).
+
+Plain dropout saves a mask as large as its input. Here the forward draws one 64-bit seed from
+the global CPU generator (so the global random stream advances reproducibly),
+generates the keep-mask with a private generator seeded by it, and saves only the seed
+(``mode="regenerate"``: 8 bytes) or the 1-bit mask (``mode="packed"``: numel / 8 bytes). Scaling is
+1 / (1 - p) as in ``torch.nn.Dropout``; the mask itself differs from PyTorch's (another stream), so
+outputs agree with plain dropout in distribution, and gradients are exact for the mask drawn.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .bitpack import pack_bits, unpack_bits
+
+MODES = ("regenerate", "packed")
+
+
+def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> Tensor:
+    """Bool mask of ``shape``, True with probability 1 - p, a pure function of ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.empty(shape, device=device).bernoulli_(1.0 - p, generator=gen).bool()
+
+
+def _draw_seed() -> int:
+    # From the CPU generator on every device: no host-device sync, and seed_everything covers it.
+    return int(torch.randint(0, 2 ** 62, (1,)))
+
+
+class CompactDropoutFunction(torch.autograd.Function):
+    """y = x * mask / (1 - p). x: any shape. Saves a seed (int64 (1,)) or the packed mask."""
+
+    @staticmethod
+    def forward(x: Tensor, p: float, mode: str, inplace: bool) -> tuple[Tensor, Tensor]:
+        seed = _draw_seed()
+        mask = keep_mask(x.shape, p, seed, x.device)
+        scale = 1.0 / (1.0 - p)
+        y = x.mul_(mask).mul_(scale) if inplace else x * mask * scale
+        saved = torch.tensor([seed], dtype=torch.int64) if mode == "regenerate" else pack_bits(mask)
+        return y, saved
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, p, mode, inplace = inputs
+        _, saved = output
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.mark_non_differentiable(saved)
+        ctx.save_for_backward(saved)
+        ctx.p, ctx.mode, ctx.shape, ctx.device = p, mode, x.shape, x.device
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor, _grad_saved):
+        (saved,) = ctx.saved_tensors
+        if ctx.mode == "regenerate":
+            mask = keep_mask(ctx.shape, ctx.p, int(saved[0]), ctx.device)
+        else:
+            mask = unpack_bits(saved, ctx.shape)
+        return grad_output * mask * (1.0 / (1.0 - ctx.p)), None, None, None
+
+
+def compact_dropout(x: Tensor, p: float, mode: str = "regenerate", inplace: bool = False) -> Tensor:
+    """Training-mode dropout saving a seed or a 1-bit mask. p in [0, 1)."""
+    if mode not in MODES:
+        raise ValueError(f"dropout mode {mode!r}: choose one of {MODES}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p={p} must be in [0, 1) for a compact dropout")
+    y, _ = CompactDropoutFunction.apply(x, float(p), mode, bool(inplace))
+    return y

@@ -1,0 +1,60 @@
+"""Segments recomputed in backward instead of stored: the cheapest way to "save" a stem block
+whose input the training loop holds anyway (the input batch).
+
+:func:`recompute_segment` runs ``fn(x)`` under ``torch.utils.checkpoint`` (non-reentrant, random
+state preserved, so dropout masks are reproduced exactly) and then marks ``x`` as saved with a
+zero-cost autograd node, so the accounting's saved-tensor hooks see the one tensor the segment
+really keeps. Batch-norm running statistics are restored after the recomputation, so a
+recomputed segment updates them once, as a stored one does.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+
+class _KeepAlive(torch.autograd.Function):
+    """Identity on ``y`` that saves ``x``: what a recomputed segment holds for its backward."""
+
+    @staticmethod
+    def forward(y: Tensor, x: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        return grad_output, None
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(modules: list[nn.Module]) -> Iterator[None]:
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None}
+             for m in modules]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(modules, saved):
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)
+
+
+def recompute_segment(fn: Callable[[Tensor], Tensor], x: Tensor, owner: nn.Module) -> Tensor:
+    """``fn(x)`` whose internal activations are recomputed in backward. ``owner``: a module that
+    contains every module ``fn`` calls (its batch norms keep their running statistics)."""
+    if not torch.is_grad_enabled():
+        return fn(x)
+    norms = [m for m in owner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    context = (lambda: (contextlib.nullcontext(), _frozen_running_stats(norms)))
+    y = checkpoint(fn, x, use_reentrant=False, preserve_rng_state=True, context_fn=context)
+    return _KeepAlive.apply(y, x)

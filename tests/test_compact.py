@@ -1,0 +1,298 @@
+"""Compact saved tensors: each op against plain autograd in float64, what autograd really keeps,
+and the model-level API on torchvision / Avalanche models."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+import lance_cl
+from lance_cl.core.compact import (compact_batch_norm, compact_dropout, compact_max_pool2d,
+                                   masked_activation, pack_bits, packed_nbytes, recompute_segment,
+                                   unpack_bits)
+
+
+def saved_storages(fn) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
+    """(shape, dtype, storage bytes) of every tensor autograd saves while ``fn()`` runs."""
+    seen: dict[int, tuple] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return list(seen.values())
+
+
+def grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+# -- bit packing -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 7), (2, 16)])
+def test_pack_bits_round_trip_and_size(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(mask.numel())
+    assert torch.equal(unpack_bits(packed, shape), mask)
+    # bit i of byte k is element 8k + i, by hand for the first byte
+    first = mask.reshape(-1)[:8].tolist()
+    assert int(packed[0]) == sum(1 << i for i, b in enumerate(first) if b)
+
+
+# -- activations -------------------------------------------------------------------------------------
+
+ACTIVATIONS = [
+    ("relu", lambda t: F.relu(t), dict(kind="hardtanh", a=0.0, b=float("inf"))),
+    ("relu6", lambda t: F.relu6(t), dict(kind="hardtanh", a=0.0, b=6.0)),
+    ("hardtanh", lambda t: F.hardtanh(t, -1.5, 2.0), dict(kind="hardtanh", a=-1.5, b=2.0)),
+    ("leaky", lambda t: F.leaky_relu(t, 0.1), dict(kind="leaky_relu", a=0.1)),
+]
+
+
+@pytest.mark.parametrize("name,ref,spec", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_masked_activation_matches_autograd(name, ref, spec, inplace):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 4, 5, generator=gen, dtype=torch.float64) * 4)
+    x[0, 0, :3] = torch.tensor([0.0, 6.0, -1.5], dtype=torch.float64)   # the kinks
+    x.requires_grad_()
+    g = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    inp = x.clone() if inplace else x * 1.0
+    y = masked_activation(inp, inplace=inplace, **spec)
+    expected = ref(x * 1.0)
+    assert torch.equal(y, expected)
+    assert torch.equal(grads(y, x, g)[0], grads(expected, x, g)[0])
+
+
+def test_masked_activation_saves_only_bits():
+    x = torch.randn(64, 32, requires_grad=True)
+    saved = saved_storages(lambda: masked_activation(x * 1.0, "hardtanh"))
+    assert saved == [((256,), torch.uint8, 256)]   # 2048 elements / 8
+
+
+def test_compact_backward_is_once_differentiable():
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y = masked_activation(x * 1.0, "hardtanh")
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+# -- max pooling --------------------------------------------------------------------------------------
+
+POOL_GRID = [(k, s, p, d, c) for k, s, p, d, c in itertools.product(
+    [2, 3, (2, 3)], [None, 1, 2, 3], [0, 1], [1, 2], [False, True])
+    if (p <= (k if isinstance(k, int) else min(k)) // 2)]
+
+
+@pytest.mark.parametrize("k,s,p,d,ceil", POOL_GRID)
+def test_max_pool_matches_autograd(k, s, p, d, ceil):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 9, 11, generator=gen, dtype=torch.float64)
+    x[0, 0, :4, :4] = 1.0   # ties: the same index as PyTorch's kernel must win
+    x.requires_grad_()
+    expected = F.max_pool2d(x, k, s, p, d, ceil)
+    y = compact_max_pool2d(x, k, s, p, d, ceil)
+    assert torch.equal(y, expected)
+    g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    assert torch.equal(grads(y, x, g)[0], grads(expected, x, g)[0])
+
+
+def test_max_pool_unbatched_and_saved_offsets():
+    x = torch.randn(3, 8, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 4, 4, dtype=torch.float64)
+    assert torch.equal(grads(compact_max_pool2d(x, 2), x, g)[0], grads(F.max_pool2d(x, 2), x, g)[0])
+    x4 = torch.randn(64, 16, 12, 12, requires_grad=True)
+    saved = saved_storages(lambda: compact_max_pool2d(x4 * 1.0, 2))
+    assert saved == [((64, 16, 6, 6), torch.uint8, 64 * 16 * 36)]   # 1/16 of x's float32 bytes
+
+
+# -- dropout ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["regenerate", "packed"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dropout_gradient_is_the_mask_drawn(mode, inplace):
+    torch.manual_seed(3)
+    x = torch.rand(40, 50, dtype=torch.float64) + 0.5           # no zeros: y / x is the mask x scale
+    x.requires_grad_()
+    y = compact_dropout(x.clone() if inplace else x * 1.0, 0.3, mode, inplace)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    factor = (y / x).detach()
+    assert set(torch.unique(factor.round(decimals=12)).tolist()) <= {0.0, round(1 / 0.7, 12)}
+    assert torch.allclose(gx, g * factor, rtol=0, atol=1e-14)
+    assert abs((factor > 0).double().mean().item() - 0.7) < 0.03
+
+
+def test_dropout_is_reproducible_from_the_global_seed_and_saves_a_seed():
+    x = torch.randn(64, 128, requires_grad=True)
+    torch.manual_seed(5)
+    a = compact_dropout(x, 0.5)
+    torch.manual_seed(5)
+    b = compact_dropout(x, 0.5)
+    assert torch.equal(a, b)
+    assert saved_storages(lambda: compact_dropout(x, 0.5)) == [((1,), torch.int64, 8)]
+    assert saved_storages(lambda: compact_dropout(x, 0.5, "packed")) == [((1024,), torch.uint8, 1024)]
+
+
+def test_dropout_bad_p():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        compact_dropout(torch.ones(2, requires_grad=True), 1.0)
+
+
+# -- batch norm ---------------------------------------------------------------------------------------
+
+BN_CASES = list(itertools.product([(16, 5), (8, 5, 7), (4, 5, 6, 3)], [True, False], [True, False]))
+
+
+@pytest.mark.parametrize("shape,batch_stats,affine", BN_CASES)
+def test_batch_norm_matches_autograd_float64(shape, batch_stats, affine):
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w = (torch.rand(5, generator=gen, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    rm, rv = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y = compact_batch_norm(x, w, b, rm, rv, batch_stats, 0.1, 1e-5)
+    expected = F.batch_norm(x, rm_ref, rv_ref, w, b, batch_stats, 0.1, 1e-5)
+    assert torch.equal(y, expected)
+    assert torch.equal(rm, rm_ref) and torch.equal(rv, rv_ref)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    wrt = [x] + ([w, b] if affine else [])
+    for got, want in zip(grads(y, wrt, g), grads(expected, wrt, g)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_saves_the_normalised_input_once():
+    x = torch.randn(32, 16, 8, 8, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    b = torch.zeros(16, requires_grad=True)
+
+    def step():
+        y = compact_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)
+        return masked_activation(y, "hardtanh")
+
+    big = [s for s in saved_storages(step) if s[2] >= x.numel()]
+    assert big == [((32, 16, 8, 8), torch.float32, x.numel() * 4)]
+
+
+def test_frozen_batch_norm_in_eval_saves_no_activation():
+    x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    w, b = torch.ones(4), torch.zeros(4)      # frozen affine
+    saved = saved_storages(lambda: compact_batch_norm(x, w, b, torch.zeros(4), torch.ones(4),
+                                                      False, 0.0, 1e-5))
+    assert all(s[2] <= 4 * 4 for s in saved)
+
+
+@pytest.mark.parametrize("storage,bytes_per_element", [("bf16", 2), ("int8", 1)])
+def test_reduced_precision_batch_norm_is_measured(storage, bytes_per_element):
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(32, 8, 6, 6, generator=gen) * 2 + 0.5).requires_grad_()
+    w = (torch.rand(8, generator=gen) + 0.5).requires_grad_()
+    b = torch.zeros(8, requires_grad=True)
+    g = torch.randn(32, 8, 6, 6, generator=gen)
+    y = compact_batch_norm(x, w, b, None, None, True, 0.0, 1e-5, storage)
+    expected = F.batch_norm(x.double(), None, None, w.double(), b.double(), True, 0.0, 1e-5)
+    got = grads(y, [x, w], g)
+    want = grads(expected, [x, w], g.double())
+    cosines = [F.cosine_similarity(a.double().flatten(), c.flatten(), 0).item() for a, c in zip(got, want)]
+    assert min(cosines) > 0.999                       # measured: ~0.99999 (bf16), ~0.9999 (int8)
+    assert min(cosines) < 1 - 1e-9                    # and not exact: it is an approximation
+    big = [s for s in saved_storages(lambda: compact_batch_norm(x, w, b, None, None, True, 0.0,
+                                                                1e-5, storage)) if s[2] > 64]
+    assert [s[2] for s in big] == [x.numel() * bytes_per_element]
+
+
+# -- recomputed segments ------------------------------------------------------------------------------
+
+def test_recomputed_segment_is_exact_and_keeps_only_its_input():
+    torch.manual_seed(7)
+    seg = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+                        nn.MaxPool2d(2)).double()
+    x = torch.randn(4, 3, 10, 10, dtype=torch.float64)
+    ref_seg = copy.deepcopy(seg)
+    state = torch.get_rng_state()
+    expected = ref_seg(x)
+    expected.square().sum().backward()
+    torch.set_rng_state(state)
+    y = recompute_segment(seg, x, seg)
+    assert torch.equal(y, expected)
+    y.square().sum().backward()
+    for p, q in zip(seg.parameters(), ref_seg.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+    for a, c in zip(seg.buffers(), ref_seg.buffers()):   # running statistics updated once
+        assert torch.equal(a, c)
+    params = {p.untyped_storage().data_ptr() for p in seg.parameters()}
+    saved = [s for s in saved_storages(lambda: recompute_segment(seg, x, seg))
+             if s[2] > 8 * 8 * 8]
+    assert saved == [((4, 3, 10, 10), torch.float64, x.numel() * 8)] and params
+
+
+# -- the model-level API -----------------------------------------------------------------------------
+
+def _global_rel_error(model_a, model_b) -> float:
+    num = sum(float((p.grad - q.grad).square().sum()) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    den = sum(float(q.grad.square().sum()) for q in model_b.parameters())
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("factory", ["resnet18", "mobilenet_v2"])
+def test_compact_activations_on_torchvision_models(factory):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(8)
+    plain = getattr(torchvision.models, factory)(num_classes=5).double()
+    if factory == "mobilenet_v2":
+        plain.classifier[0].p = 0.0          # its dropout mask comes from another random stream
+    model = copy.deepcopy(plain)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = lance_cl.compact_activations(model)
+    kinds = {r.kind for r in report}
+    assert {"activation", "batch_norm"} <= kinds
+    assert model.state_dict().keys() == state.keys()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    r = torch.randn(2, 5, dtype=torch.float64)
+    for m in (model, plain):
+        (m(x) * r).sum().backward()
+    assert _global_rel_error(model, plain) < 1e-10
+    for k, v in model.state_dict().items():                 # running statistics moved identically
+        assert torch.equal(v, plain.state_dict()[k])
+    lance_cl.uncompact_activations(model)
+    assert all(type(a) is type(b) for a, b in zip(model.modules(), plain.modules()))
+
+
+def test_compact_activations_on_an_avalanche_model_saves_less():
+    from avalanche.models import SimpleCNN
+
+    torch.manual_seed(9)
+    plain = SimpleCNN(num_classes=4)
+    model = copy.deepcopy(plain)
+    lance_cl.compact_activations(model, dropout="packed")
+    x = torch.randn(8, 3, 16, 16)
+
+    def step(m):
+        return lambda: m(x).sum()
+    before = sum(s[2] for s in saved_storages(step(plain)))
+    after = sum(s[2] for s in saved_storages(step(model)))
+    # what remains is the convs' inputs (ReLU outputs the next conv saves anyway) and the fc input
+    assert after < before
+    plain.eval()
+    model.eval()
+    assert torch.equal(model(x), plain(x))
+
+
+def test_compact_activations_bad_options():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="batch_norm='fp8'"):
+        lance_cl.compact_activations(model, batch_norm="fp8")
+    with pytest.raises(ValueError, match="dropout="):
+        lance_cl.compact_activations(model, dropout="none")
+    with pytest.raises(ValueError, match="neither a submodule"):
+        lance_cl.compact_activations(model, recompute=["stem"])
