@@ -161,8 +161,12 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def compress(model: nn.Module, method: str = "lance", layers: LayerSelector = None, *,
-             example_inputs: Any = None, **options) -> CompressionReport:
+             example_inputs: Any = None, compact: Union[bool, dict] = False,
+             **options) -> CompressionReport:
     """Swap the selected layers for compressed versions in place; returns the report.
+
+    ``compact=True`` (or a dict of its options) also runs :func:`lance_cl.compact_activations`
+    on the model, so the ops between the weight layers save compact tensors too.
 
     The compressed layers share the original Parameters (an existing optimizer keeps working).
     ``options`` go to the method: ``eps``, ``rank``, ``budget`` (bytes over all selected layers),
@@ -180,6 +184,10 @@ def compress(model: nn.Module, method: str = "lance", layers: LayerSelector = No
             module = module.to_plain()
         cls = compressed_type_for(module)
         _set_module(model, name, cls.from_module(module, name, method, **dict(options)))
+    if compact:
+        from .compact import compact_activations
+
+        compact_activations(model, **(compact if isinstance(compact, dict) else {}))
     return report(model)
 
 

@@ -296,3 +296,33 @@ def test_compact_activations_bad_options():
         lance_cl.compact_activations(model, dropout="none")
     with pytest.raises(ValueError, match="neither a submodule"):
         lance_cl.compact_activations(model, recompute=["stem"])
+
+
+def test_compress_can_compact_the_rest_of_the_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
+    lance_cl.compress(model, "vanilla", compact={"batch_norm": "bf16"})
+    rows = {r.name: r for r in lance_cl.compact_report(model)}
+    assert set(rows) == {"1", "2", "3"} and rows["1"].saves == "normalised input (bf16)"
+    lance_cl.uncompress(model)
+    lance_cl.uncompact_activations(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
+                                        nn.Flatten, nn.Linear]
+
+
+def test_alexnet_stem_recompute_is_exact():
+    from lance_cl.models import AlexNet5
+
+    torch.manual_seed(10)
+    plain = AlexNet5(n_tasks=1, n_classes=3, dropout=False).double()
+    model = copy.deepcopy(plain)
+    assert model.segment_names() == ("stem",)
+    report = lance_cl.compact_activations(model, recompute=["stem"])
+    assert any(r.kind == "segment" and r.name == "stem" for r in report)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    t = torch.zeros(4, dtype=torch.long)
+    for m in (model, plain):
+        m(x, t).square().sum().backward()
+    assert _global_rel_error(model, plain) < 1e-10
+    lance_cl.uncompact_activations(model)
+    assert model.recomputed_segments == set()

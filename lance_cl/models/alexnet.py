@@ -68,9 +68,13 @@ class AlexNet5(MultiHeadModule):
         self.drop5 = drop(0.5)
         self._make_heads(2048, n_tasks, n_classes)
 
+    def stem(self, x: Tensor) -> Tensor:
+        """The first conv block. x: (B, in_channels, 32, 32) -> (B, 64, 14, 14)."""
+        return self.pool(self.drop1(self.relu(self.bn1(self.conv1(x)))))
+
     def features(self, x: Tensor) -> Tensor:
         """x: (B, in_channels, 32, 32) -> (B, 2048)."""
-        x = self.pool(self.drop1(self.relu(self.bn1(self.conv1(x)))))
+        x = self.run_segment("stem", self.stem, x)
         x = self.pool(self.drop2(self.relu(self.bn2(self.conv2(x)))))
         x = self.pool(self.drop3(self.relu(self.bn3(self.conv3(x)))))
         x = x.flatten(1)

@@ -57,6 +57,19 @@ class MultiHeadModule(MultiTaskModule):
         self.max_class_label = max(self.n_classes)
         self.known_train_tasks_labels = set(range(n_tasks))
 
+    def segment_names(self) -> tuple[str, ...]:
+        """Segments this model can recompute in backward (see :func:`lance_cl.compact_activations`):
+        "stem" where the model defines ``stem(x)``, the block that reads the input batch."""
+        return ("stem",) if callable(getattr(self, "stem", None)) else ()
+
+    def run_segment(self, name: str, fn, x: Tensor) -> Tensor:
+        """``fn(x)``, recomputed in backward when ``name`` is in ``self.recomputed_segments``."""
+        if name in getattr(self, "recomputed_segments", ()):
+            from ..core.compact import recompute_segment
+
+            return recompute_segment(fn, x, self)
+        return fn(x)
+
     def features(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -94,8 +94,12 @@ class ReducedResNet18(MultiHeadModule):
         self.flat_features = widths[-1] * pooled * pooled
         self._make_heads(self.flat_features, n_tasks, n_classes)
 
+    def stem(self, x: Tensor) -> Tensor:
+        """conv1 -> bn1 -> relu on the input batch. x: (B, in_channels, s, s)."""
+        return self.relu(self.bn1(self.conv1(x)))
+
     def features(self, x: Tensor) -> Tensor:
         """x: (B, in_channels, input_size, input_size) -> (B, flat_features)."""
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.run_segment("stem", self.stem, x)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return F.avg_pool2d(out, 2).flatten(1)

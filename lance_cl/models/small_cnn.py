@@ -47,8 +47,12 @@ class SmallCNN(MultiHeadModule):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._make_heads(hidden, n_tasks, n_classes)
 
+    def stem(self, x: Tensor) -> Tensor:
+        """The first conv block. x: (B, in_channels, s, s) -> (B, widths[0], s // 2, s // 2)."""
+        return self.pool(self.relu(self.bn1(self.conv1(x))))
+
     def features(self, x: Tensor) -> Tensor:
         """x: (B, in_channels, input_size, input_size) -> (B, hidden)."""
-        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        x = self.run_segment("stem", self.stem, x)
         x = self.pool(self.relu(self.bn2(self.conv2(x))))
         return self.drop(self.relu(self.bn3(self.fc1(x.flatten(1)))))
