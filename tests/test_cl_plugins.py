@@ -280,3 +280,70 @@ def test_recipes_take_thresholds_and_basis_samples_from_the_benchmark(name):
                                                    "gpm_samples": 100, "lr": 0.1})
     plugin = strategy.plugins[0]
     assert (plugin.eps, plugin.eps_step, plugin.basis_samples) == (0.965, 0.0, 100)
+
+
+def test_lance_residual_rule_options_are_checked():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        LanceCLPlugin(train_eps=0.98, train_energy=0.9)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        LanceCLPlugin(train_eps=0.98, train_max_rank_fraction=0.5)
+    with pytest.raises(ValueError, match="train_max_rank"):
+        LanceCLPlugin(train_max_rank=0)
+    with pytest.raises(ValueError, match="train_energy"):
+        LanceCLPlugin(train_energy=1.5)
+    capped = LanceCLPlugin(train_max_rank=7, train_max_rank_fraction=0.1)
+    assert capped.train_energy == 1.0          # a cap alone keeps the top directions up to it
+    assert (capped.rank_cap(200), capped.rank_cap(30), capped.rank_cap(5)) == (7, 3, 1)
+    assert LanceCLPlugin().rank_cap(100) is None
+
+
+def test_lance_residual_rule_trains_where_the_total_energy_rule_freezes():
+    bm = digits_benchmark(2)
+    logs = {}
+    for rule in ({"train_eps": 0.5}, {"train_energy": 0.5, "train_max_rank": 3}):
+        model = make_model(2)
+        plugin = LanceCLPlugin(eps=0.9, small_layer_dim=0, **rule)
+        strategy = strategy_with(plugin, model, epochs=1)
+        for exp in bm.train_stream:
+            strategy.train(exp)
+        logs[next(iter(rule))] = plugin.layer_log[1]["layers"]
+    for name in PROTECTED:
+        old, new = logs["train_eps"][name], logs["train_energy"][name]
+        assert old["train_rule"] == "total_energy" and old["train_threshold"] == 0.5
+        assert old["train_energy_covered_by_P"] > 0.5 and old["frozen"] and old["train_rank"] == 0
+        assert new["train_rule"] == "residual_energy" and new["train_rank_cap"] == 3
+        assert 1 <= new["train_rank"] <= 3 and not new["frozen"]
+        assert 0 < new["train_residual_energy_kept"] <= 1
+
+
+def test_lance_residual_rule_freezes_a_fully_protected_layer():
+    bm = digits_benchmark(2)
+    model = make_model(2)
+    plugin = LanceCLPlugin(eps=0.9, small_layer_dim=0, train_energy=1.0)
+    strategy = strategy_with(plugin, model, epochs=1)
+    strategy.train(bm.train_stream[0])
+    plugin.bases["conv1"] = torch.eye(plugin.bases["conv1"].shape[0])
+    w = model.conv1.weight.detach().clone()
+    strategy.train(bm.train_stream[1])
+    assert plugin.layer_log[1]["layers"]["conv1"]["frozen"]
+    torch.testing.assert_close(model.conv1.weight.detach(), w)
+    state = copy.deepcopy(plugin.state_dict())
+    fresh = LanceCLPlugin()
+    fresh.load_state_dict(state)
+    assert (fresh.train_energy, fresh.train_max_rank, fresh.train_max_rank_fraction) == (1.0, None, None)
+
+
+def test_lance_recipe_takes_its_training_rule_from_the_benchmark():
+    from lance_cl.strategies import build_strategy
+
+    def plugin_of(defaults):
+        return build_strategy("lance", make_model(2), {"lr": 0.1, **defaults}).plugins[0]
+    default = plugin_of({})
+    assert (default.train_energy, default.train_max_rank, default.train_eps) == (0.9, None, None)
+    chosen = plugin_of({"train_energy": 0.8, "train_max_rank_fraction": 0.25})
+    assert (chosen.train_energy, chosen.train_max_rank_fraction) == (0.8, 0.25)
+    total = plugin_of({"train_eps": 0.97})
+    assert (total.train_eps, total.train_energy) == (0.97, None)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        plugin_of({"train_eps": 0.97, "train_max_rank": 10})
+    assert build_strategy("lance_paper", make_model(2), {"lr": 0.1}).plugins[0].train_eps == 0.98

@@ -13,7 +13,8 @@ from lance_cl.core.budget import BudgetTooSmallError, select_under_budget
 from lance_cl.core.conv2d import ConvSpec, GradientFilterConv2dFunction
 from lance_cl.core.linalg import (GramAccumulator, check_eps, complement_projector_apply, grow_basis,
                                   energy_rank, mode_basis, mode_gram, orthonormalize,
-                                  random_orthonormal, subspace_iteration, top_eigenvectors)
+                                  random_orthonormal, residual_rank, subspace_iteration,
+                                  top_eigenvectors, training_subspace)
 from lance_cl.core.tucker import (compact, core_shape, fold, mode_contract, mode_product, project, reconstruct,
                                   tucker_bytes, unfold)
 
@@ -186,6 +187,52 @@ def test_grow_basis_take_all_is_the_whole_complement_even_without_energy():
     torch.testing.assert_close(u @ u.t() + p @ p.t(), torch.eye(5, dtype=DT))
     u0, covered = grow_basis(c, None, 0.9)
     assert covered == pytest.approx(0.0) and u0.shape == (5, 1)
+
+
+@pytest.mark.parametrize("energy,max_rank,expected", [
+    (0.65, None, 2),    # 4 < 6.5 <= 4 + 3
+    (0.71, None, 3),    # 7 < 7.1 <= 9
+    (1.0, None, 4),
+    (0.01, None, 1),
+    (0.95, 2, 2),       # capped
+])
+def test_residual_rank_hand_computed(energy, max_rank, expected):
+    assert residual_rank(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=DT), energy, max_rank) == expected
+
+
+def test_residual_rank_is_zero_only_without_energy():
+    assert residual_rank(torch.zeros(3, dtype=DT), 0.9) == 0
+    assert residual_rank(torch.zeros(0, dtype=DT), 0.9) == 0
+    assert residual_rank(torch.tensor([1e-20, 0.0], dtype=DT), 0.9) == 1
+
+
+@pytest.mark.parametrize("energy,max_rank,expected_rank,kept", [
+    (0.5, None, 1, 0.6), (0.61, None, 2, 0.8), (0.9, None, 3, 1.0),
+    (0.9, 2, 2, 0.8),
+])
+def test_training_subspace_keeps_a_fraction_of_the_residual_energy(energy, max_rank,
+                                                                   expected_rank, kept):
+    # energies 5, 3, 1, 1; P holds the first direction: residual energies 3, 1, 1 (sum 5)
+    frame = torch.linalg.qr(torch.randn(4, 4, dtype=DT))[0]
+    c = frame @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 1.0], dtype=DT)) @ frame.t()
+    u, covered, fraction = training_subspace(c, frame[:, :1], energy, max_rank)
+    assert covered == pytest.approx(0.5) and fraction == pytest.approx(kept)
+    assert u.shape == (4, expected_rank)
+    assert (u.t() @ frame[:, :1]).abs().max() < 1e-12
+    torch.testing.assert_close(u.t() @ u, torch.eye(expected_rank, dtype=DT))
+    assert abs(float(u[:, 0] @ frame[:, 1])) == pytest.approx(1.0)
+    if energy == 0.5:     # GPM's total-energy rule at the same number freezes the layer
+        assert grow_basis(c, frame[:, :1], energy)[0].shape[1] == 0
+
+
+def test_training_subspace_is_empty_when_the_basis_covers_everything():
+    frame = torch.linalg.qr(torch.randn(6, 6, dtype=DT))[0]
+    c = frame @ torch.diag(torch.arange(6, 0, -1, dtype=DT)) @ frame.t()
+    for basis in (frame, frame.float()):          # float32 bases leave only rounding noise
+        u, covered, fraction = training_subspace(c, basis, 1.0)
+        assert u.shape == (6, 0) and fraction == 0.0 and covered == pytest.approx(1.0)
+    u, _, fraction = training_subspace(c, frame[:, :2], 0.9, take_all=True)
+    assert u.shape == (6, 4) and fraction == 1.0
 
 
 def test_complement_projection():

@@ -193,6 +193,41 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
     return orthonormalize(u), covered
 
 
+def residual_rank(mu: Tensor, energy: float, max_rank: Optional[int] = None) -> int:
+    """Rank kept from a residual spectrum mu (n,) sorted descending: 0 when it holds no energy,
+    else the energy rule on mu alone (:func:`energy_rank`, so >= 1) capped at ``max_rank``."""
+    lam = mu.clamp_min(0)
+    if lam.numel() == 0 or lam.sum() <= 0:
+        return 0
+    rank = energy_rank(lam, energy)
+    return rank if max_rank is None else min(rank, int(max_rank))
+
+
+def training_subspace(gram: Tensor, basis: Optional[Tensor], energy: float,
+                      max_rank: Optional[int] = None, take_all: bool = False,
+                      min_residual: float = 1e-9) -> tuple[Tensor, float, float]:
+    """Directions orthogonal to ``basis`` keeping ``energy`` of the *residual* energy tr(C_res).
+
+    gram: C (d, d); basis: P (d, k) orthonormal or None. U holds the leading eigenvectors of
+    C_res = (I - PP^T) C (I - PP^T) (those :func:`grow_basis` gives at eps = 1), as many as
+    :func:`residual_rank` keeps of their energies mu_i = u_i^T C u_i, so rank >= 1 whenever
+    tr(C_res) > ``min_residual`` * tr(C) (below that it is rounding noise of the projection:
+    P is stored in float32). ``take_all``: the whole complement of P, no rule. Returns
+    (U (d, r), a = energy P covers as in grow_basis, fraction of tr(C_res) inside span(U)).
+    """
+    check_eps(energy, "energy")
+    u, covered = grow_basis(gram, basis, 1.0, take_all=take_all)
+    if take_all:
+        return u, covered, 1.0
+    if u.shape[1] == 0 or 1.0 - covered <= min_residual:
+        return u[:, :0], covered, 0.0
+    c = gram.to(u)
+    mu = ((c @ u) * u).sum(0)
+    r = residual_rank(mu, energy, max_rank)
+    kept = float((mu[:r].clamp_min(0).sum() / mu.clamp_min(0).sum()).item()) if r else 0.0
+    return compact(u[:, :r]), covered, kept
+
+
 class GramAccumulator:
     """Running sum of X_(m) X_(m)^T for selected modes over calibration batches.
 

@@ -3,7 +3,9 @@
 Every protected layer is a LANCE-compressed layer (Conv2d in the patch layout, so its fan-in mode
 is exactly the fan-in axis of the weight). Before task t a calibration pass gathers the fan-in Gram
 C_F; the task's training factor U_F is made of eigenvectors of (I - PP^T) C_F (I - PP^T), so it is
-orthogonal to the protected basis P by construction. The layer then stores only the core
+orthogonal to the protected basis P by construction. Its rank comes from GPM's total-energy rule
+(``train_eps``, default eps_t) or from the residual rule (``train_energy``: a fraction of the
+energy left outside span(P), optionally capped), which freezes a layer only when nothing is left. The layer then stores only the core
 x x_F U_F^T (and, for convs, the output-position mode projected on its own energy subspace), and
 its weight-gradient rows lie in span(U_F): inputs of earlier tasks inside span(P) see no change.
 P is not needed while the task trains.
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from ... import wrap
-from ...core.linalg import check_eps, grow_basis, top_eigenvectors
+from ...core.linalg import check_eps, grow_basis, top_eigenvectors, training_subspace
 from ...layers import CompressedConv2d, CompressedLayer
 from .base import SubspacePlugin, forward_batch
 
@@ -33,7 +35,15 @@ class LanceCLPlugin(SubspacePlugin):
 
     Args:
         eps, eps_step: protected-energy schedule eps_t = eps + t * eps_step (GPM's thresholds).
-        train_eps: energy rule of the training factor U_F (default: eps_t, as SPEC 4.2).
+        train_eps: total-energy rule of the training factor U_F: GPM's rule with threshold
+            train_eps (default: eps_t, as SPEC 4.2); a task whose energy P already covers beyond
+            it gets rank 0 and its layer is frozen.
+        train_energy: residual rule instead: U_F keeps this fraction of the task's energy left
+            outside span(P), tr(C_res) (``lance_cl.core.linalg.training_subspace``), so a layer
+            is frozen only when its inputs lie in span(P) to rounding.
+        train_max_rank, train_max_rank_fraction: caps of the residual rule's rank, as a number
+            of directions and as a fraction of the fan-in d (at least 1 direction); the
+            smaller applies. A cap alone means train_energy=1. Exclusive with train_eps.
         position_eps: energy kept by the output-position mode of conv layers (None: that mode is
             not compressed).
         first_task: "compressed" (default: the memory claim holds on every task) or "full"
@@ -50,16 +60,42 @@ class LanceCLPlugin(SubspacePlugin):
 
     def __init__(self, eps: float = 0.97, eps_step: float = 0.003, train_eps: Optional[float] = None,
                  position_eps: Optional[float] = 0.9, first_task: str = "compressed",
-                 calibration_batches: Optional[int] = None, small_layer_dim: int = 80, **options):
+                 calibration_batches: Optional[int] = None, small_layer_dim: int = 80,
+                 train_energy: Optional[float] = None, train_max_rank: Optional[int] = None,
+                 train_max_rank_fraction: Optional[float] = None, **options):
         super().__init__(eps=eps, eps_step=eps_step, small_layer_dim=small_layer_dim, **options)
         if first_task not in ("compressed", "full"):
             raise ValueError(f"first_task={first_task!r}: choose 'compressed' or 'full'")
         self.train_eps = None if train_eps is None else check_eps(train_eps, "train_eps")
+        self._set_residual_rule(train_energy, train_max_rank, train_max_rank_fraction)
         self.position_eps = None if position_eps is None else check_eps(position_eps, "position_eps")
         self.first_task = first_task
         self.calibration_batches = calibration_batches
         self.frozen: list[str] = []
         self._grad_projectors: dict[str, torch.Tensor] = {}   # layers that store their input
+
+    def _set_residual_rule(self, energy: Optional[float], max_rank: Optional[int],
+                           max_rank_fraction: Optional[float]) -> None:
+        residual = (energy, max_rank, max_rank_fraction) != (None, None, None)
+        if residual and self.train_eps is not None:
+            raise ValueError(
+                f"LanceCLPlugin: train_eps={self.train_eps} (total-energy rule) cannot be combined "
+                f"with train_energy / train_max_rank / train_max_rank_fraction (residual-energy "
+                f"rule); pass the options of one rule only")
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
+                                     or max_rank < 1):
+            raise ValueError(f"train_max_rank={max_rank!r}: pass an int >= 1 or None")
+        self.train_energy = (None if not residual else
+                             1.0 if energy is None else check_eps(energy, "train_energy"))
+        self.train_max_rank = max_rank
+        self.train_max_rank_fraction = (None if max_rank_fraction is None else
+                                        check_eps(max_rank_fraction, "train_max_rank_fraction"))
+
+    def rank_cap(self, d: int) -> Optional[int]:
+        """Largest rank the residual rule may give a layer of fan-in d (None: no cap)."""
+        caps = [c for c in (self.train_max_rank, None if self.train_max_rank_fraction is None
+                            else max(1, int(self.train_max_rank_fraction * d))) if c is not None]
+        return min(caps) if caps else None
 
     def _compress(self, model: nn.Module) -> dict[str, CompressedLayer]:
         names = self.protected_names(model)
@@ -85,19 +121,34 @@ class LanceCLPlugin(SubspacePlugin):
         wrap.calibrate(model, self._device_batches(loader, strategy.device),
                        num_batches=self.calibration_batches, forward=forward_batch,
                        progress=False, finish=False)
-        eps_t = self.train_eps if self.train_eps is not None else self.threshold(self.tasks_trained)
         self.frozen = []
         self._grad_projectors = {}
         for name, layer in layers.items():
-            self._set_training_factors(name, layer, eps_t)
+            self._set_training_factors(name, layer)
 
-    def _set_training_factors(self, name: str, layer: CompressedLayer, eps_t: float) -> None:
+    def _training_factor(self, name: str, gram: torch.Tensor) -> tuple[torch.Tensor, float, dict]:
+        """U_F (d, r) orthogonal to P by the configured rule, the energy P covers, log entries."""
+        d = gram.shape[0]
+        take_all = d <= self.small_layer_dim
+        basis = self.bases.get(name)
+        if self.train_energy is None:
+            threshold = self.train_eps if self.train_eps is not None else self.threshold(self.tasks_trained)
+            u, covered = grow_basis(gram, basis, threshold, take_all=take_all)
+            info = {"train_rule": "total_energy", "train_threshold": threshold}
+        else:
+            cap = self.rank_cap(d)
+            u, covered, kept = training_subspace(gram, basis, self.train_energy, cap, take_all)
+            info = {"train_rule": "residual_energy", "train_threshold": self.train_energy,
+                    "train_rank_cap": cap, "train_residual_energy_kept": kept}
+        if take_all:
+            info["train_rule"] = "complement"       # small layer: the whole complement of P
+        return u, covered, info
+
+    def _set_training_factors(self, name: str, layer: CompressedLayer) -> None:
         comp = layer.compressor
         grams = comp.calibration_grams()
         fan_in_mode = 1 if isinstance(layer, CompressedConv2d) else comp.n_modes - 1
-        d = grams[fan_in_mode].shape[0]
-        u_fan_in, covered = grow_basis(grams[fan_in_mode], self.bases.get(name), eps_t,
-                                       take_all=d <= self.small_layer_dim)
+        u_fan_in, covered, rule = self._training_factor(name, grams[fan_in_mode])
         dtype = layer.weight.dtype
         factors: list = [None] * comp.n_modes
         factors[fan_in_mode] = u_fan_in.to(dtype)
@@ -105,7 +156,7 @@ class LanceCLPlugin(SubspacePlugin):
             if mode != fan_in_mode and self.position_eps is not None:
                 factors[mode] = top_eigenvectors(gram, eps=self.position_eps)[0].to(dtype)
         log = self._task_log["layers"][name]
-        log.update(train_rank=u_fan_in.shape[1], train_energy_covered_by_P=covered,
+        log.update(rule, train_rank=u_fan_in.shape[1], train_energy_covered_by_P=covered,
                    ranks=[None if f is None else int(f.shape[1]) for f in factors])
         if u_fan_in.shape[1] == 0:
             # no direction left: the layer is frozen for this task rather than trained unprojected
@@ -157,6 +208,8 @@ class LanceCLPlugin(SubspacePlugin):
     def state_dict(self):
         state = super().state_dict()
         state.update(first_task=self.first_task, train_eps=self.train_eps,
+                     train_energy=self.train_energy, train_max_rank=self.train_max_rank,
+                     train_max_rank_fraction=self.train_max_rank_fraction,
                      position_eps=self.position_eps, factor_bytes=self.training_extra_bytes())
         return state
 
@@ -164,4 +217,7 @@ class LanceCLPlugin(SubspacePlugin):
         super().load_state_dict(state)
         self.first_task = state["first_task"]
         self.train_eps, self.position_eps = state["train_eps"], state["position_eps"]
+        self.train_energy = state.get("train_energy")        # absent in older checkpoints
+        self.train_max_rank = state.get("train_max_rank")
+        self.train_max_rank_fraction = state.get("train_max_rank_fraction")
         self._factor_bytes = state["factor_bytes"]
