@@ -1,4 +1,5 @@
-"""The protected bases describe the weights a task ends with, whatever the plugin order.
+"""The protected bases describe the weights a task ends with, whatever the plugin order; frozen
+layers give exact input gradients and save nothing of their input.
 
 Task 1's inputs lie in a 6-dim subspace S of R^20 and the body is fc1 -> fc2 (no non-linearity in
 between), so fc2's task-1 inputs W1 x + b1 lie in a 7-dim span that depends on the task-1
@@ -8,10 +9,13 @@ restore would describe a discarded network, and task 2 would move task 1's outpu
 """
 from __future__ import annotations
 
+import itertools
 import warnings
+from typing import Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 from avalanche.benchmarks import nc_benchmark
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
@@ -21,6 +25,7 @@ from torch.utils.data import TensorDataset
 
 from lance_cl.cl.plugins import GPMPlugin, LanceCLPlugin, SGPPlugin
 from lance_cl.cl.protocol import GPMSchedulePlugin
+from lance_cl.core.frozen import frozen_conv2d, frozen_linear
 from lance_cl.models.heads import MultiHeadModule
 
 D_IN, D_SPAN, N = 20, 6, 96
@@ -178,3 +183,133 @@ def test_state_dict_refuses_a_pending_basis():
     strategy.plugins.append(Checkpoint())
     strategy.train(bm.train_stream[0])
     assert seen["checked"] and plugin.state_dict()["tasks_trained"] == 1
+
+
+# -- frozen layers ----------------------------------------------------------------------------
+def _grads(fn, x: Tensor, bias: Optional[Tensor], g: Tensor) -> tuple[Tensor, ...]:
+    """(output, grad_x[, grad_bias]) of fn(x, bias) for the output gradient g."""
+    out = fn(x, bias)
+    return (out, *torch.autograd.grad(out, [x] + ([bias] if bias is not None else []), g))
+
+
+def test_frozen_conv2d_matches_autograd_over_strides_paddings_dilations_groups():
+    gen = torch.Generator().manual_seed(0)
+    cases = itertools.product([1, 2], [0, 1, (2, 1), "same", "valid"], [1, (2, 1)],
+                              [(1, 8), (2, 4), (4, 8)], [True, False])      # (4, 8): depthwise
+    checked = 0
+    for stride, padding, dilation, (groups, c_out), with_bias in cases:
+        if padding == "same" and stride != 1:
+            continue
+        x = torch.randn(2, 4, 7, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+        w = torch.randn(c_out, 4 // groups, 3, 2, dtype=torch.float64, generator=gen)
+        b = torch.randn(c_out, dtype=torch.float64, generator=gen, requires_grad=True) if with_bias else None
+        with torch.no_grad():
+            shape = F.conv2d(x, w, b, stride, padding, dilation, groups).shape
+        g = torch.randn(shape, dtype=torch.float64, generator=gen)
+        ours = _grads(lambda x, b: frozen_conv2d(x, w, b, stride, padding, dilation, groups), x, b, g)
+        ref = _grads(lambda x, b: F.conv2d(x, w, b, stride, padding, dilation, groups), x, b, g)
+        for a, r in zip(ours, ref):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12,
+                                       msg=f"stride={stride} padding={padding} dilation={dilation} "
+                                           f"groups={groups}")
+        checked += 1
+    assert checked == 2 * 5 * 2 * 3 * 2 - 2 * 3 * 2     # every valid combination ran
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=gen)        # depthwise
+    assert torch.autograd.gradcheck(lambda x, b: frozen_conv2d(x, w, b, 2, 1, 1, 2), (x, b))
+    x3 = x[0].detach().requires_grad_()                                     # unbatched input
+    assert torch.autograd.gradcheck(lambda x: frozen_conv2d(x, w, None, 1, "same", 2, 2), (x3,))
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_frozen_linear_matches_autograd_for_any_leading_dims(lead, with_bias):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*lead, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    b = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True) if with_bias else None
+    g = torch.randn(*lead, 4, dtype=torch.float64, generator=gen)
+    ours = _grads(lambda x, b: frozen_linear(x, w, b), x, b, g)
+    ref = _grads(lambda x, b: F.linear(x, w, b), x, b, g)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: frozen_linear(x, w, b.detach() if b is not None else None), (x,))
+
+
+def _saved_numels(fn) -> list[int]:
+    saved: list[int] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.sum().backward()
+    return saved
+
+
+def test_frozen_layers_save_nothing_of_the_input_size():
+    x = torch.randn(4, 4, 16, 16, requires_grad=True)                       # 4096 entries
+    w = torch.randn(8, 4, 3, 3)                                             # 288
+    b = torch.zeros(8, requires_grad=True)
+    assert x.numel() in _saved_numels(lambda: F.conv2d(x, w, b, 1, 1))      # what PyTorch keeps
+    for fn in (lambda: frozen_conv2d(x, w, b, 2, 1), lambda: frozen_conv2d(x, w, None, 1, "same"),
+               lambda: frozen_conv2d(x, w[:, :1], b, 1, 1, 2, 4)):
+        assert all(n < x.numel() for n in _saved_numels(fn))
+    xl, wl = torch.randn(4, 16, 20, requires_grad=True), torch.randn(8, 20)
+    assert _saved_numels(lambda: frozen_linear(xl, wl, b)) == [wl.numel()]
+
+
+def test_frozen_helpers_refuse_trained_weights_and_skip_the_graph_without_grads():
+    w = torch.randn(3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        frozen_linear(torch.randn(4, 2, requires_grad=True), w)
+    with torch.no_grad():
+        assert frozen_linear(torch.randn(4, 2), w).grad_fn is None
+    assert frozen_conv2d(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 1, 1)).grad_fn is None
+
+
+def test_frozen_helpers_follow_autocast():
+    x = torch.randn(8, 4, 6, 6, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3)
+    grads = []
+    for conv in (frozen_conv2d, F.conv2d):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x, w, None, 1, 1)
+        assert out.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad(out.float().sum(), x)[0])
+    assert grads[0].dtype == torch.float32
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_compressed_layer_frozen_path_is_exact_and_saves_no_input():
+    from lance_cl import wrap
+    from lance_cl.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(1, 2, 1, 8, widths=(4, 8), hidden=16)
+    reference = SmallCNN(1, 2, 1, 8, widths=(4, 8), hidden=16)
+    reference.load_state_dict(model.state_dict())
+    wrap.compress(model, "lance", layers=["conv2", "fc1"], layout="patch")
+    for m in (model, reference):
+        for name in ("conv2", "fc1"):
+            m.get_submodule(name).weight.requires_grad_(False)
+    x = torch.randn(6, 1, 8, 8)
+    conv_in = {}
+    model.conv2.register_forward_hook(lambda mod, inp, out: conv_in.update(x=inp[0]))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, 0)
+    assert not any(t.data_ptr() == conv_in["x"].data_ptr() and t.shape == conv_in["x"].shape
+                   for t in saved)
+    out.sum().backward()
+    reference(x, 0).sum().backward()
+    assert model.conv2.weight.grad is None and model.fc1.weight.grad is None
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=n)

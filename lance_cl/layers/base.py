@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compressors import Compressor, build_compressor
+from ..core.frozen import frozen_conv2d, frozen_linear
 
 
 class CompressedLayer(nn.Module):
@@ -22,6 +23,8 @@ class CompressedLayer(nn.Module):
     compressor: Compressor
     layer_name: str
     bypass: bool = False          # True: behave exactly like the plain module (used to measure)
+    # A weight with requires_grad False takes ``frozen_forward`` (unless ``bypass``): nothing of
+    # the input is saved for backward, grad_input stays exact.
     last_input_shape: Optional[tuple[int, ...]] = None
 
     @classmethod
@@ -86,6 +89,17 @@ class CompressedLayer(nn.Module):
     def compressed_forward(self, x: Tensor, factors: list[Optional[Tensor]]) -> Tensor:
         raise NotImplementedError
 
+    def frozen_forward(self, x: Tensor) -> Tensor:
+        """Forward of a weight with requires_grad False (prepared input): same output and input
+        gradient as the plain forward, but backward keeps only the weight, never x."""
+        if isinstance(self, nn.Conv2d):
+            s = self.conv_spec                  # x is pre-padded: the spec's padding is symmetric
+            return frozen_conv2d(x, self.weight, self.bias, s.stride, s.padding, s.dilation,
+                                 s.groups)
+        if isinstance(self, nn.Linear):
+            return frozen_linear(x, self.weight, self.bias)
+        return self.plain_forward(x)
+
     def grad_weight_from(self, core: Tensor, factors: Sequence[Optional[Tensor]],
                          grad_output: Tensor) -> Tensor:
         """Weight gradient this layer's backward computes from ``core`` and ``factors``."""
@@ -102,8 +116,10 @@ class CompressedLayer(nn.Module):
                 comp.bind(view.dim())
                 comp.observe(view)
             return self.plain_forward(x)
-        if self.bypass or not (torch.is_grad_enabled() and self.weight.requires_grad):
+        if self.bypass or not torch.is_grad_enabled():
             return self.plain_forward(x)
+        if not self.weight.requires_grad:
+            return self.frozen_forward(x)
         self.last_input_shape = tuple(x.shape)
         if comp.name == "vanilla":
             return self.plain_forward(x)
