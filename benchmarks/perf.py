@@ -8,6 +8,10 @@ same weights and the same batch:
   (:func:`lance_cl.measure_activation_memory`): over the compressed layers (``selected``) and for
   the whole step (``total``: BatchNorm, ReLU, pooling, dropout included), with vanilla / method
   ratios; the analytic bytes from the ranks are reported next to the measured ones;
+* peak memory of that step (``peak_step``, same pass): the most bytes allocated at once during
+  forward + backward above the step's start (activations, gradients incl. the parameters'
+  ``.grad``, every temporary of the compression code), from the PyTorch profiler's allocation
+  events on CPU and the allocator statistics on CUDA, with the vanilla / method ratio;
 * step time (zero_grad, forward, loss, backward): median over repeats after warm-up, methods
   interleaved round-robin so slow drift of the machine hits every method alike;
 * gradient fidelity: cosine and angle between each compressed layer's weight gradient and plain
@@ -406,6 +410,9 @@ def _setup_method(method: str, base: nn.Module, body: Sequence[str], cfg: BenchC
             "per_module_type": per_type,
             "factor_storage": _factor_storage(model),
             "cuda_peak": mem["cuda_peak"],
+            "peak_step": mem["peak_bytes"], "vanilla_peak_step": van["peak_bytes"],
+            "peak_step_ratio": van["peak_bytes"] / mem["peak_bytes"]
+            if mem["peak_bytes"] and van["peak_bytes"] is not None else None,
         },
         "fidelity": {"overall": overall, "per_layer": per_layer_fid},
         "flops": {"total": flops_total, "vanilla_total": flops_vanilla,
@@ -592,25 +599,28 @@ def render_markdown(result: dict[str, Any], details: bool = True) -> str:
     lines.append("")
     lines.append("Memory ratios are vanilla / method (higher = fewer bytes); time and FLOPs ratios are "
                  "method / vanilla (lower = faster). \"compressed layers\" = bytes autograd saves for the "
-                 "compressed layers; \"whole step\" = every tensor saved in the step.")
+                 "compressed layers; \"whole step\" = every tensor saved in the step; \"peak step\" = "
+                 "the most bytes allocated at once during forward + backward (gradients and "
+                 "temporaries included) above the step's start.")
     lines.append("")
     head = ("| model | method | layers | act. bytes, compressed layers (analytic) | ratio "
-            "| act. bytes, whole step | ratio | step time (ms) | time ratio | FLOPs ratio | grad cosine "
-            "| grad angle |")
+            "| act. bytes, whole step | ratio | peak step mem. | ratio | step time (ms) | time ratio "
+            "| FLOPs ratio | grad cosine | grad angle |")
     lines.append(head)
-    lines.append("|" + "---|" * 12)
+    lines.append("|" + "---|" * 14)
     for model_name, res in result["results"].items():
         for method, r in res["methods"].items():
             if "error" in r:
                 lines.append(f"| {model_name} | {method} | {len(r['layers'])} | failed: "
-                             f"{_md_escape(r['error'])} |" + " |" * 8)
+                             f"{_md_escape(r['error'])} |" + " |" * 10)
                 continue
             mem, t, fid, fl = r["memory"], r["time"], r["fidelity"]["overall"], r["flops"]
             lines.append(
                 f"| {model_name} | {method} | {len(r['layers'])} | {_fmt_bytes(mem['selected'])} "
                 f"({_fmt_bytes(mem['analytic_selected'])}) "
                 f"| {_fmt_ratio(mem['selected_ratio'], 1)} | {_fmt_bytes(mem['total'])} "
-                f"| {_fmt_ratio(mem['total_ratio'])} | {t['median_s'] * 1e3:.1f} | {t['ratio']:.2f}x "
+                f"| {_fmt_ratio(mem['total_ratio'])} | {_fmt_bytes(mem.get('peak_step'))} "
+                f"| {_fmt_ratio(mem.get('peak_step_ratio'))} | {t['median_s'] * 1e3:.1f} | {t['ratio']:.2f}x "
                 f"| {fl['ratio']:.3f}x | {fid['cosine']:.4f} | {fid['angle_deg']:.1f} deg |")
     if not details:
         return "\n".join(lines) + "\n"

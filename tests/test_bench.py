@@ -101,6 +101,21 @@ def test_vanilla_bytes_are_the_layer_inputs(bench) -> None:
     assert van["total"] > 2 * van["selected"]
 
 
+def test_peak_step_memory_bounds(bench) -> None:
+    result, stdout = bench
+    methods = result["results"]["alexnet"]["methods"]
+    # every weight gradient exists at the end of backward (no biases): conv 64x3x4x4, 128x64x3x3,
+    # 256x128x2x2, fc 2048x1024, 2048x2048 float32
+    grads = 4 * (64 * 3 * 16 + 128 * 64 * 9 + 256 * 128 * 4 + 2048 * 1024 + 2048 * 2048)
+    for r in methods.values():
+        assert r["memory"]["peak_step"] >= grads
+    van = methods["vanilla"]["memory"]
+    # everything saved coexists after the forward, less the batch (alive before the step)
+    assert van["peak_step"] >= van["total"] - 4 * B * 3 * 32 * 32
+    assert van["peak_step_ratio"] == 1.0 and van["vanilla_peak_step"] == van["peak_step"]
+    assert "| peak step mem. | ratio |" in stdout
+
+
 def test_vanilla_flops_by_hand(bench) -> None:
     macs = {
         "conv1": B * 64 * 29 * 29 * 3 * 4 * 4,

@@ -14,8 +14,9 @@ from lance_cl.cl.report import aggregate, format_bytes, load_runs, markdown_tabl
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(strategy: str, seed: int, acc: float, bwt: float, act: int, R: list, status: str = "complete") -> dict:
-    return {
+def _run(strategy: str, seed: int, acc: float, bwt: float, act: int, R: list, status: str = "complete",
+         peak: int | None = None) -> dict:
+    run = {
         "format": "lance-cl-run/1",
         "config": {"benchmark": "toy", "strategy": strategy, "seed": seed},
         "status": status,
@@ -34,6 +35,9 @@ def _run(strategy: str, seed: int, acc: float, bwt: float, act: int, R: list, st
         },
         "train_time_s": 10.0 + seed,
     }
+    if peak is not None:  # run files written before the peak step memory existed lack the key
+        run["memory"]["peak_step_bytes"] = peak
+    return run
 
 
 def _write(d: Path) -> None:
@@ -108,3 +112,25 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert "## toy" in md and "72.00 ± 2.00" in md and "![acc_vs_memory_toy](acc_vs_memory_toy.png)" in md
     with pytest.raises(FileNotFoundError):
         write_report(tmp_path / "report")  # no run files there
+
+
+def test_peak_step_memory_column_and_plot(tmp_path: Path) -> None:
+    runs = [_run("x", 0, 70.0, -1.0, 1000, [[90.0, 10.0], [80.0, 95.0]], peak=2 * 2**20),
+            _run("x", 1, 72.0, -2.0, 1000, [[100.0, 20.0], [70.0, 85.0]], peak=4 * 2**20),
+            _run("y", 0, 60.0, -10.0, 4096, [[50.0, 50.0], [40.0, 80.0]])]  # old file: no key
+    for r in runs:
+        c = r["config"]
+        (tmp_path / f"toy__{c['strategy']}__seed{c['seed']}.json").write_text(json.dumps(r))
+    x, y = aggregate(load_runs(tmp_path))
+    # 2 and 4 MiB: mean 3 MiB, sample std sqrt(2) MiB
+    assert x["peak_step_bytes"]["mean"] == pytest.approx(3 * 2**20)
+    assert x["peak_step_bytes"]["std"] == pytest.approx(math.sqrt(2) * 2**20)
+    assert y["peak_step_bytes"]["mean"] is None
+    head, _, row_x, row_y = markdown_table([x, y]).strip().splitlines()
+    col = head.split(" | ").index("Peak step mem.")
+    assert row_x.split(" | ")[col] == "3.00 MiB ± 1.41 MiB" and row_y.split(" | ")[col] == "-"
+    paths = write_report(tmp_path, tmp_path / "r")
+    plot = tmp_path / "r" / "acc_vs_peak_toy.png"
+    assert plot in paths
+    _assert_png(plot)
+    assert "![acc_vs_peak_toy](acc_vs_peak_toy.png)" in (tmp_path / "r" / "report.md").read_text()

@@ -38,6 +38,13 @@ def test_uninterrupted_vs_crashed_and_resumed_identical(tmp_path, monkeypatch) -
         assert m["activation_batch_size"] == 16
         assert m["activation_total_bytes"] > m["activation_layers_bytes"]
         assert m["persistent_bytes"] == 5 * 2 * 32 * 4  # the stub counts the 5 heads
+        # peak of the step: everything saved coexists at the end of the forward (less the batch,
+        # x 16x1x8x8 float32 and y 16 int64, alive before the step), every gradient at the end of
+        # backward: conv1 8x1x3x3, bn1 2x8, conv2 16x8x3x3, bn2 2x16, fc1 32x64, bn3 2x32, head
+        assert m["peak_step_bytes"] >= m["activation_total_bytes"] - 4 * 16 * 64 - 8 * 16
+        assert m["peak_step_bytes"] >= 4 * (72 + 16 + 1152 + 32 + 2048 + 64 + 2 * 32 + 2)
+    assert full["memory"]["peak_step_bytes"] == max(t["memory"]["peak_step_bytes"] for t in full["per_task"])
+    assert on_disk["memory"]["peak_step_bytes"] == full["memory"]["peak_step_bytes"]
     assert set(on_disk["versions"]) >= {"lance_cl", "torch", "avalanche", "python"}
 
     # crash in the third task: results of tasks 0 and 1 stay on disk, status failed

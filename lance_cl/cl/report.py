@@ -7,6 +7,9 @@ deviation, ddof=1; 0 for a single seed) and writes ``report.md`` plus, per bench
 - ``heatmap_<benchmark>__<strategy>.png``: mean accuracy matrix R[i, j] (i >= j shown);
 - ``acc_vs_memory_<benchmark>.png``: ACC against activation memory of one training step
   (whole step, and the inputs of the conv / linear body layers), error bars over seeds;
+- ``acc_vs_peak_<benchmark>.png``: ACC against the measured peak memory of one training step
+  (forward + backward, gradients and temporaries included), error bars over seeds; only for
+  benchmarks whose runs have that figure (older run files lack it: "-" in the table);
 - ``task_accuracy_<benchmark>.png``: accuracy of every task after each training task.
 """
 
@@ -37,6 +40,7 @@ METRICS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "learning_accuracy": (("learning_accuracy",), "LA (%)", "pct"),
     "activation_total_bytes": (("memory", "activation_total_bytes"), "Act. mem./step", "bytes"),
     "activation_layers_bytes": (("memory", "activation_layers_bytes"), "Act. mem. conv/linear inputs", "bytes"),
+    "peak_step_bytes": (("memory", "peak_step_bytes"), "Peak step mem.", "bytes"),
     "persistent_bytes": (("memory", "persistent_bytes"), "CL state", "bytes"),
     "training_extra_bytes": (("memory", "training_extra_bytes"), "Extra while training", "bytes"),
     "train_time_s": (("train_time_s",), "Train time (s)", "time"),
@@ -182,29 +186,49 @@ def _heatmap(row: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _byte_unit(rows: Sequence[dict[str, Any]], key: str) -> tuple[str, int]:
+    """Axis unit for the largest mean of ``key`` over ``rows``: ("MiB", 2**20), ("KiB", 1024), ("B", 1)."""
+    biggest = max(((r[key]["mean"] or 0.0) for r in rows), default=0.0)
+    return next(((u, f) for u, f in (("MiB", 2**20), ("KiB", 2**10)) if biggest >= f), ("B", 1))
+
+
+def _acc_panel(ax: Any, rows: Sequence[dict[str, Any]], key: str, label: str, unit: str,
+               scale: float) -> None:
+    """ACC (y) against ``key`` (x, bytes / ``scale``), mean ± std over seeds, one point per strategy."""
+    for row in rows:
+        x, y = row[key], row["acc"]
+        if x.get("mean") is None or y.get("mean") is None:
+            continue
+        ax.errorbar(x["mean"] / scale, y["mean"], xerr=x["std"] / scale, yerr=y["std"],
+                    fmt="o", capsize=3, label=row["strategy"])
+        ax.annotate(row["strategy"], (x["mean"] / scale, y["mean"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    right = max(((r[key]["mean"] or 0.0) + (r[key]["std"] or 0.0)) / scale for r in rows)
+    ax.set_xlim(0, 1.25 * right if right > 0 else 1.0)
+    ax.margins(y=0.15)
+    ax.set_xlabel(f"{label} ({unit})", fontsize=8)
+    ax.set_ylabel("ACC (%)")
+    ax.grid(alpha=0.3)
+
+
 def _acc_vs_memory(bench: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
     fig = _figure(9.0, 3.8)
-    biggest = max((r[k]["mean"] or 0.0) for r in rows for k in ("activation_total_bytes",)) if rows else 0.0
-    unit, scale = next(((u, f) for u, f in (("MiB", 2**20), ("KiB", 2**10)) if biggest >= f), ("B", 1))
+    unit, scale = _byte_unit(rows, "activation_total_bytes")
     panels = [("activation_total_bytes", "activation memory of one step (whole model)"),
               ("activation_layers_bytes", "activation memory: conv/linear inputs")]
     for idx, (key, label) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, idx + 1)
-        for row in rows:
-            x, y = row[key], row["acc"]
-            if x.get("mean") is None or y.get("mean") is None:
-                continue
-            ax.errorbar(x["mean"] / scale, y["mean"], xerr=x["std"] / scale, yerr=y["std"],
-                        fmt="o", capsize=3, label=row["strategy"])
-            ax.annotate(row["strategy"], (x["mean"] / scale, y["mean"]), textcoords="offset points",
-                        xytext=(5, 5), fontsize=8)
-        right = max(((r[key]["mean"] or 0.0) + (r[key]["std"] or 0.0)) / scale for r in rows)
-        ax.set_xlim(0, 1.25 * right if right > 0 else 1.0)
-        ax.margins(y=0.15)
-        ax.set_xlabel(f"{label} ({unit})", fontsize=8)
-        ax.set_ylabel("ACC (%)")
-        ax.grid(alpha=0.3)
+        _acc_panel(fig.add_subplot(1, 2, idx + 1), rows, key, label, unit, scale)
     fig.suptitle(f"{bench}: accuracy vs activation memory (mean ± std over seeds)", fontsize=10)
+    fig.savefig(path)
+    return path
+
+
+def _acc_vs_peak(bench: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    fig = _figure(5.0, 3.8)
+    unit, scale = _byte_unit(rows, "peak_step_bytes")
+    _acc_panel(fig.add_subplot(), rows, "peak_step_bytes",
+               "peak memory of one step (forward + backward)", unit, scale)
+    fig.suptitle(f"{bench}: accuracy vs peak step memory\n(mean ± std over seeds)", fontsize=10)
     fig.savefig(path)
     return path
 
@@ -252,7 +276,9 @@ def write_report(directory: Union[str, Path], out_dir: Optional[Union[str, Path]
                 "Accuracies in %; ACC = mean final accuracy, BWT = mean (final - just learned), "
                 "forgetting = mean (best earlier - final), LA = mean accuracy right after learning. "
                 "Activation memory: bytes autograd saves in one training step (peak over tasks), for "
-                "the whole model and for the inputs of the conv/linear body layers; CL state: "
+                "the whole model and for the inputs of the conv/linear body layers; peak step mem.: "
+                "the most bytes allocated at once during one step (forward + backward: activations, "
+                "gradients, temporaries) above its start, peak over tasks; CL state: "
                 "persistent bytes after the last task; extra while training: peak over tasks.", ""]
     for bench in dict.fromkeys(r["benchmark"] for r in rows):
         brows = [r for r in rows if r["benchmark"] == bench]
@@ -261,11 +287,13 @@ def write_report(directory: Union[str, Path], out_dir: Optional[Union[str, Path]
         for row in brows:
             if row["accuracy_matrix"]:
                 figs.append(_heatmap(row, out / f"heatmap_{bench}__{row['strategy']}.png"))
-        figs.append(_acc_vs_memory(bench, brows, out / f"acc_vs_memory_{bench}.png"))
-        figs.append(_task_accuracy(bench, brows, out / f"task_accuracy_{bench}.png"))
-        written += figs
-        sections += [f"![{p.stem}]({p.name})" for p in figs[-2:]]
-        sections += [""] + [f"![{p.stem}]({p.name})" for p in figs[:-2]] + [""]
+        summary = [_acc_vs_memory(bench, brows, out / f"acc_vs_memory_{bench}.png")]
+        if any(r["peak_step_bytes"]["mean"] is not None for r in brows):
+            summary.append(_acc_vs_peak(bench, brows, out / f"acc_vs_peak_{bench}.png"))
+        summary.append(_task_accuracy(bench, brows, out / f"task_accuracy_{bench}.png"))
+        written += figs + summary
+        sections += [f"![{p.stem}]({p.name})" for p in summary]
+        sections += [""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
     report = out / "report.md"
     report.write_text("\n".join(sections), encoding="utf-8")
     return [report, *written]

@@ -12,9 +12,10 @@ device, data_root, the benchmark defaults), ``versions``, ``status`` ("running" 
 ``accuracy_matrix`` (one row of T accuracies in % per finished task; entries j > i are the
 untrained heads), ``acc`` / ``bwt`` / ``forgetting`` / ``learning_accuracy`` over the finished
 tasks, ``per_task`` (train / eval seconds, epochs run, best epoch, validation history, memory:
-activation bytes of one step measured by :class:`ActivationMemoryProbe`, plus
-``memory_figures(strategy)``: persistent and training-extra bytes), ``memory`` (peak activation
-and training-extra bytes over tasks, persistent bytes after the last task), ``train_time_s``.
+activation bytes and peak step bytes of one step measured by :class:`ActivationMemoryProbe`,
+plus ``memory_figures(strategy)``: persistent and training-extra bytes), ``memory`` (peak
+activation, peak step and training-extra bytes over tasks, persistent bytes after the last
+task), ``train_time_s``.
 
 Strategy recipes come from :mod:`lance_cl.strategies` (looked up at call time):
 ``build_strategy(name, model, spec, *, device, epochs, extra_plugins[, evaluator])``,
@@ -108,17 +109,21 @@ def body_layer_names(model: nn.Module) -> list[str]:
 
 
 class ActivationMemoryProbe(SupervisedPlugin):
-    """Measures the activation memory of one training step at the first iteration of each task.
+    """Measures the activation and peak memory of one training step at the first iteration of
+    each task.
 
     At that point every plugin's ``before_training_exp`` has run, so the model is in the exact
     configuration it trains in (compressed layers, factors of the task). One extra forward +
     backward on the current mini-batch goes through
-    :func:`lance_cl.measure_activation_memory`; the global RNG, every buffer and the gradients
-    are restored / cleared afterwards, so training is unaffected. ``results[i]`` holds, for
+    :func:`lance_cl.measure_activation_memory`; the global RNG, every buffer and the parameters'
+    ``.grad`` are restored afterwards, so training is unaffected. ``results[i]`` holds, for
     experience i: ``activation_total_bytes`` (every tensor autograd saved, deduplicated by
     storage), ``activation_layers_bytes`` (over :func:`body_layer_names`, the same layer set for
     every method), ``activation_per_layer_bytes`` (those layers one by one),
-    ``activation_batch_size`` and ``cuda_peak_bytes`` (None on CPU).
+    ``peak_step_bytes`` (peak bytes allocated during the step above its start: activations,
+    gradients incl. the parameters' ``.grad``, temporaries; see
+    :func:`lance_cl.accounting.measure_peak_step_memory`; None when it could not be measured),
+    ``activation_batch_size`` and ``cuda_peak_bytes`` (forward only; None on CPU).
     """
 
     def __init__(self) -> None:
@@ -148,7 +153,11 @@ def _check_finite(task: int, history: list[dict[str, Any]], accuracies: list[flo
 
 
 def measure_step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
-    """Activation bytes of one cross-entropy training step on (x, y, t), side-effect free."""
+    """Activation bytes and peak step bytes of one cross-entropy training step on (x, y, t).
+
+    Side-effect free: the global RNG (and the device's), every buffer and the parameters'
+    ``.grad`` are as before. One pass: saved-tensor hooks and the peak measurement together.
+    """
     from lance_cl import measure_activation_memory
 
     device = x.device
@@ -165,12 +174,12 @@ def measure_step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: t
         for b, saved in buffers:
             if b.shape == saved.shape:
                 b.copy_(saved)
-    model.zero_grad(set_to_none=True)
     layers = body_layer_names(model)
     return {
         "activation_total_bytes": int(stats["total"]),
         "activation_layers_bytes": int(stats["selected"]),
         "activation_per_layer_bytes": {n: int(stats["per_layer"].get(n, 0)) for n in layers},
+        "peak_step_bytes": None if stats.get("peak_bytes") is None else int(stats["peak_bytes"]),
         "activation_batch_size": int(x.shape[0]),
         "cuda_peak_bytes": None if stats.get("cuda_peak") is None else int(stats["cuda_peak"]),
     }
@@ -283,7 +292,8 @@ def _metrics_of(rows: list[list[float]]) -> dict[str, Optional[float]]:
 
 
 def _memory_summary(per_task: list[dict[str, Any]]) -> dict[str, Optional[int]]:
-    """Peak activation / training-extra bytes over tasks; persistent bytes after the last task."""
+    """Peak activation / peak step / training-extra bytes over tasks; persistent bytes after the
+    last task."""
 
     def peak(key: str) -> Optional[int]:
         vals = [t["memory"].get(key) for t in per_task if t["memory"].get(key) is not None]
@@ -293,6 +303,7 @@ def _memory_summary(per_task: list[dict[str, Any]]) -> dict[str, Optional[int]]:
     return {
         "activation_total_bytes": peak("activation_total_bytes"),
         "activation_layers_bytes": peak("activation_layers_bytes"),
+        "peak_step_bytes": peak("peak_step_bytes"),
         "persistent_bytes": last.get("persistent_bytes"),
         "training_extra_bytes": peak("training_extra_bytes"),
     }
