@@ -60,12 +60,30 @@ import lance_cl
 from lance_cl.data import MEAN_STD, DatasetNotFoundError, default_data_root, expected_files
 from lance_cl.data import load_mnist_like, to_32x32x3
 from lance_cl.models import AlexNet5, MobileNetV2Blocks
+from lance_cl.compact import stem_segments
 from lance_cl.wrap import compressed_layers
 
-__all__ = ["BenchConfig", "BenchDataError", "BenchSetupError", "MODELS", "METHODS", "add_arguments", "config_from_args",
+__all__ = ["BenchConfig", "BenchDataError", "BenchSetupError", "MODELS", "METHODS", "BASE_METHODS", "DEFAULT_METHODS", "COMPACT_VARIANTS", "split_variant", "add_arguments", "config_from_args",
            "failures", "load_bench_data", "main", "render_markdown", "run_bench", "write_outputs"]
 
-METHODS: tuple[str, ...] = ("vanilla", "lance", "asi", "hosvd", "gradient_filter")
+BASE_METHODS: tuple[str, ...] = ("vanilla", "lance", "asi", "hosvd", "gradient_filter")
+# "+compact": the ops between the weight layers save compact tensors too (exact gradients, stem
+# recomputed); "+compact_bf16" / "+compact_int8": BatchNorm's normalised input in reduced precision
+COMPACT_VARIANTS: dict[str, str] = {"+compact": "float", "+compact_bf16": "bf16", "+compact_int8": "int8"}
+METHODS: tuple[str, ...] = BASE_METHODS + tuple(
+    m + v for m in ("vanilla", "lance") for v in COMPACT_VARIANTS) + tuple(
+    m + "+compact" for m in ("asi", "hosvd", "gradient_filter"))
+DEFAULT_METHODS: tuple[str, ...] = ("vanilla", "vanilla+compact", "vanilla+compact_bf16", "lance",
+                                    "lance+compact", "lance+compact_bf16", "asi", "hosvd",
+                                    "gradient_filter")
+
+
+def split_variant(name: str) -> tuple[str, Optional[str]]:
+    """'lance+compact_bf16' -> ('lance', 'bf16'); 'asi' -> ('asi', None)."""
+    for suffix, storage in COMPACT_VARIANTS.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], storage
+    return name, None
 MODELS: tuple[str, ...] = ("alexnet", "mobilenet")
 
 
@@ -82,7 +100,7 @@ class BenchConfig:
     """Everything that decides what the bench measures (all of it is written into the JSON)."""
 
     models: tuple[str, ...] = MODELS
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     batch_size: int = 64
     repeats: int = 31            # timed steps per method (median reported)
     warmup: int = 3              # untimed steps per method before timing
@@ -194,6 +212,7 @@ def _body_layers(name: str, model: nn.Module) -> list[str]:
 
 
 def _method_layers(method: str, model: nn.Module, body: Sequence[str]) -> list[str]:
+    method = split_variant(method)[0]
     if method == "gradient_filter":
         named = dict(model.named_modules())
         return [n for n in body if isinstance(named[n], nn.Conv2d)]
@@ -201,6 +220,7 @@ def _method_layers(method: str, model: nn.Module, body: Sequence[str]) -> list[s
 
 
 def _method_options(method: str, cfg: BenchConfig) -> dict[str, Any]:
+    method = split_variant(method)[0]
     if method in ("lance", "asi", "hosvd"):
         return {"eps": cfg.eps}
     if method == "gradient_filter":
@@ -359,10 +379,15 @@ def _setup_method(method: str, base: nn.Module, body: Sequence[str], cfg: BenchC
     ranks and FLOPs on the measured batch. Returns the model (kept for timing) and its results."""
     model = copy.deepcopy(base)
     names = _method_layers(method, model, body)
-    lance_cl.compress(model, method, names, **_method_options(method, cfg))
-    calibration = {"lance": cfg.lance_calibration_batches, "asi": cfg.asi_calibration_batches}.get(method)
+    plain_method, storage = split_variant(method)
+    compact = None if storage is None else {"batch_norm": storage, "recompute": stem_segments(model)}
+    lance_cl.compress(model, plain_method, names, **_method_options(method, cfg))
+    calibration = {"lance": cfg.lance_calibration_batches,
+                   "asi": cfg.asi_calibration_batches}.get(plain_method)
     if calibration is not None:
         lance_cl.calibrate(model, calib[:calibration], progress=False)
+    if compact is not None:
+        lance_cl.compact_activations(model, **compact)
     # fidelity first: for asi this is the first iteration away from the calibration batch
     grads = _weight_grads(model, names, x, y)
     per_layer_fid = {n: _cosine(grads[n], ref_grads[n]) for n in names}
@@ -397,6 +422,7 @@ def _setup_method(method: str, base: nn.Module, body: Sequence[str], cfg: BenchC
     result = {
         "layers": names,
         "options": _method_options(method, cfg),
+        "compaction": None if compact is None else {**compact, "recompute": list(compact["recompute"])},
         "calibration_batches": calibration,
         "memory": {
             "selected": mem["selected"], "total": mem["total"],
@@ -725,8 +751,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.set_num_threads (default: torch's default, all available cores)")
     parser.add_argument("--models", type=_csv("model", MODELS), default=MODELS,
                         help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--methods", type=_csv("method", METHODS), default=METHODS,
-                        help=f"comma-separated subset of {','.join(METHODS)} (vanilla always runs)")
+    parser.add_argument("--methods", type=_csv("method", METHODS), default=DEFAULT_METHODS,
+                        help=f"comma-separated list from {','.join(METHODS)} (vanilla always runs; "
+                             f"default {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the training order")
 

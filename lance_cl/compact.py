@@ -68,13 +68,13 @@ def _mark_recompute(model: nn.Module, name: str) -> None:
                          f"submodules look like {[n for n in named if n][:6]})")
 
 
-def compact_activations(model: nn.Module, *, batch_norm: str = "float", dropout: str = "regenerate",
+def compact_activations(model: nn.Module, *, batch_norm: str = "float", dropout: str = "packed",
                         kinds: Sequence[str] = KINDS, layers: Optional[Sequence[str]] = None,
                         recompute: Sequence[str] = ()) -> CompactReport:
     """Swap the model's activation, dropout, max-pool and batch-norm modules in place.
 
     batch_norm: storage of the normalised input, "float" (exact), "bf16" or "int8" (approximate,
-    explicit opt-in). dropout: "regenerate" (mask rebuilt from a seed) or "packed" (1-bit mask).
+    explicit opt-in). dropout: "packed" (1-bit mask) or "regenerate" (mask rebuilt from a seed).
     kinds: which of ``KINDS`` to compact. layers: optional module-name globs to restrict to.
     recompute: submodule names (or segments the model declares, e.g. AlexNet5's "stem") whose
     forward is recomputed in backward, keeping only their input. Returns the report.
@@ -105,6 +105,14 @@ def compact_activations(model: nn.Module, *, batch_norm: str = "float", dropout:
     for name in recompute:
         _mark_recompute(model, name)
     return compact_report(model)
+
+
+def stem_segments(model: nn.Module) -> tuple[str, ...]:
+    """("stem",) when the model declares a "stem" segment or has a submodule named "stem" (the
+    block that reads the input batch, whose recomputation costs one small block's forward), else ()."""
+    declared = getattr(model, "segment_names", lambda: ())()
+    has_module = isinstance(getattr(model, "stem", None), nn.Module)
+    return ("stem",) if "stem" in declared or has_module else ()
 
 
 def compact_report(model: nn.Module) -> CompactReport:

@@ -25,12 +25,52 @@ from ..cl.plugins import GPMPlugin, LanceCLPlugin, ResumableAGEMPlugin, SGPPlugi
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to build one compared method."""
+    """How to build one compared method. ``compact``: whether the recipe compacts the saved
+    tensors of the non-weight ops (ReLU, dropout, max-pool, BatchNorm) by default."""
 
     name: str
     description: str
     plugins: Callable[[dict], list]
     template: type = Naive
+    compact: bool = False
+
+
+COMPACT_SUFFIX = "+compact"
+PLAIN_SUFFIX = "+plain"
+
+
+def parse_strategy(name: str) -> tuple[Recipe, bool]:
+    """'gpm' -> (GPM's recipe, its default compaction); 'gpm+compact' / 'lance+plain' force
+    compaction on / off. Raises ValueError naming the known recipes."""
+    base, compact = name, None
+    for suffix, value in ((COMPACT_SUFFIX, True), (PLAIN_SUFFIX, False)):
+        if name.endswith(suffix):
+            base, compact = name[: -len(suffix)], value
+    if base not in RECIPES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(RECIPES)} (optionally "
+                         f"with {COMPACT_SUFFIX!r} or {PLAIN_SUFFIX!r})")
+    recipe = RECIPES[base]
+    return recipe, recipe.compact if compact is None else compact
+
+
+def with_compaction(name: str) -> str:
+    """The strategy name that runs ``name`` with compaction on (``name`` itself if it already does)."""
+    recipe, compact = parse_strategy(name)
+    return name if compact else recipe.name + COMPACT_SUFFIX
+
+
+def compaction_options(model: nn.Module, defaults: dict) -> dict:
+    """Options of :func:`lance_cl.compact_activations` from the benchmark defaults:
+    ``compact_batch_norm`` (storage, "float"), ``compact_dropout`` ("packed") and
+    ``compact_recompute`` (segments recomputed in backward; default: the model's stem when it
+    declares one, unless ``compact_recompute_stem`` is false)."""
+    from lance_cl.compact import stem_segments
+
+    recompute = defaults.get("compact_recompute")
+    if recompute is None:
+        recompute = stem_segments(model) if defaults.get("compact_recompute_stem", True) else ()
+    return {"batch_norm": defaults.get("compact_batch_norm", "float"),
+            "dropout": defaults.get("compact_dropout", "packed"), "recompute": tuple(recompute)}
 
 
 def _subspace_options(d: dict) -> dict:
@@ -57,11 +97,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
                     "tasks (every task compressed; training rank by residual energy)",
            lambda d: [LanceCLPlugin(**_subspace_options(d), **_lance_training_rule(d),
                                     position_eps=d.get("position_eps", 0.9),
-                                    small_layer_dim=d.get("small_layer_dim", 80))]),
+                                    small_layer_dim=d.get("small_layer_dim", 80))], compact=True),
     Recipe("lance_paper", "LANCE-CL as published: task 1 with full backprop, training factors at "
                           "energy 0.98 (threshold-conv), CL thresholds of GPM",
            lambda d: [LanceCLPlugin(**_subspace_options(d), first_task="full", train_eps=0.98,
-                                    position_eps=0.98)]),
+                                    position_eps=0.98)], compact=True),
     Recipe("gpm", "GPM (Saha et al. 2021): gradients projected off the protected bases",
            lambda d: [GPMPlugin(**_subspace_options(d))]),
     Recipe("sgp", "SGP (Saha & Roy 2023): GPM bases with importance-scaled projection",
@@ -90,12 +130,17 @@ def build_strategy(name: str, model: nn.Module, spec: Any, *, device: str = "cpu
                    epochs: Optional[int] = None, extra_plugins: Sequence = (),
                    overrides: Optional[dict] = None):
     """Avalanche strategy for recipe ``name`` on ``model`` with ``spec.defaults`` (lr, batch_size,
-    epochs, eps, eps_step, alpha, ...), optionally overridden."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(RECIPES)}")
-    recipe = RECIPES[name]
+    epochs, eps, eps_step, alpha, ...), optionally overridden. ``name`` may end in ``+compact``
+    or ``+plain`` (see :func:`parse_strategy`); with compaction the model's ReLU, dropout,
+    max-pool and BatchNorm modules save compact tensors (:func:`lance_cl.compact_activations`
+    with :func:`compaction_options`), which leaves every gradient exact at the default options."""
+    recipe, compact = parse_strategy(name)
     defaults = dict(getattr(spec, "defaults", spec) or {})
     defaults.update(overrides or {})
+    if compact:
+        from lance_cl.compact import compact_activations
+
+        compact_activations(model, **compaction_options(model, defaults))
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=defaults.get("lr", 0.01))
     return recipe.template(
@@ -224,5 +269,6 @@ def _concat(datasets: Sequence[Any]) -> Any:
     return None if len(datasets) == 0 else concat_datasets(list(datasets))
 
 
-__all__ = ["RECIPES", "Recipe", "build_strategy", "memory_figures", "task_diagnostics", "strategy_state",
+__all__ = ["RECIPES", "Recipe", "build_strategy", "parse_strategy", "with_compaction",
+           "compaction_options", "COMPACT_SUFFIX", "PLAIN_SUFFIX", "memory_figures", "task_diagnostics", "strategy_state",
            "load_strategy_state", "quiet_evaluator", "head_bytes"]

@@ -48,7 +48,13 @@ def install(monkeypatch: pytest.MonkeyPatch) -> Calls:
         heads = sum(p.numel() * p.element_size() for p in strategy.model.heads.parameters())
         return {"persistent_bytes": int(heads), "training_extra_bytes": 0}
 
+    def parse_strategy(name: str) -> tuple[Any, bool]:
+        if name not in ("naive", "naive2"):
+            raise ValueError(f"unknown strategy {name!r}; choose from naive, naive2")
+        return name, False
+
     monkeypatch.setattr(S, "build_strategy", build_strategy, raising=False)
+    monkeypatch.setattr(S, "parse_strategy", parse_strategy, raising=False)
     monkeypatch.setattr(S, "memory_figures", memory_figures, raising=False)
     monkeypatch.setattr(S, "strategy_state", lambda strategy: {"stub": 1}, raising=False)
     monkeypatch.setattr(S, "load_strategy_state", lambda strategy, state, past_datasets=(): None, raising=False)

@@ -67,7 +67,7 @@ def test_run_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     assert "| split_digits | naive2 | 2 |" in printed
     pngs = sorted((tmp_path / "rep").glob("*.png"))
     assert {p.name for p in pngs} == {
-        "acc_vs_memory_split_digits.png", "heatmap_split_digits__naive.png",
+        "acc_vs_memory_split_digits.png", "acc_vs_peak_split_digits.png", "heatmap_split_digits__naive.png",
         "heatmap_split_digits__naive2.png", "task_accuracy_split_digits.png"}
     for p in pngs:
         data = p.read_bytes()

@@ -103,7 +103,8 @@ def test_max_pool_matches_autograd(k, s, p, d, ceil):
     y = compact_max_pool2d(x, k, s, p, d, ceil)
     assert torch.equal(y, expected)
     g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
-    assert torch.equal(grads(y, x, g)[0], grads(expected, x, g)[0])
+    # overlapping windows add in another order than PyTorch's scatter: equal to rounding
+    torch.testing.assert_close(grads(y, x, g)[0], grads(expected, x, g)[0], rtol=1e-15, atol=1e-14)
 
 
 def test_max_pool_unbatched_and_saved_offsets():
@@ -135,11 +136,11 @@ def test_dropout_gradient_is_the_mask_drawn(mode, inplace):
 def test_dropout_is_reproducible_from_the_global_seed_and_saves_a_seed():
     x = torch.randn(64, 128, requires_grad=True)
     torch.manual_seed(5)
-    a = compact_dropout(x, 0.5)
+    a = compact_dropout(x, 0.5, "regenerate")
     torch.manual_seed(5)
-    b = compact_dropout(x, 0.5)
+    b = compact_dropout(x, 0.5, "regenerate")
     assert torch.equal(a, b)
-    assert saved_storages(lambda: compact_dropout(x, 0.5)) == [((1,), torch.int64, 8)]
+    assert saved_storages(lambda: compact_dropout(x, 0.5, "regenerate")) == [((1,), torch.int64, 8)]
     assert saved_storages(lambda: compact_dropout(x, 0.5, "packed")) == [((1024,), torch.uint8, 1024)]
 
 
@@ -163,7 +164,7 @@ def test_batch_norm_matches_autograd_float64(shape, batch_stats, affine):
     rm_ref, rv_ref = rm.clone(), rv.clone()
     y = compact_batch_norm(x, w, b, rm, rv, batch_stats, 0.1, 1e-5)
     expected = F.batch_norm(x, rm_ref, rv_ref, w, b, batch_stats, 0.1, 1e-5)
-    assert torch.equal(y, expected)
+    torch.testing.assert_close(y, expected, rtol=1e-14, atol=1e-14)
     assert torch.equal(rm, rm_ref) and torch.equal(rv, rv_ref)
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
     wrt = [x] + ([w, b] if affine else [])

@@ -77,6 +77,11 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the benchmark's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--compact", action="store_true",
+                   help="run every strategy with compact saved tensors for ReLU, dropout, max-pool "
+                        "and BatchNorm (exact gradients); recipes that do not compact by default "
+                        "get a '+compact' suffix (e.g. gpm+compact). The lance recipes compact by "
+                        "default; 'lance+plain' turns it off.")
     p.set_defaults(handler=cmd_run)
     return p
 
@@ -109,6 +114,17 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
         return 2
     if getattr(args, "download", False):
         os.environ["LANCE_CL_DOWNLOAD"] = "1"  # read by lance_cl.benchmarks.get_benchmark
+    from lance_cl import strategies as recipes
+
+    try:
+        for name in args.strategies:
+            recipes.parse_strategy(name)
+        names = [recipes.with_compaction(s) if getattr(args, "compact", False) else s
+                 for s in args.strategies]
+    except ValueError as exc:   # every strategy is checked before anything trains
+        print(f"lance-cl run: {exc}", file=sys.stderr)
+        return 2
+    args.strategies = names
     results, failures = [], []
     start = time.perf_counter()
     for strategy in args.strategies:

@@ -1,8 +1,8 @@
 """Batch normalisation that saves its normalised input once, at a chosen precision.
 
 Plain ``batch_norm`` saves its input; a following plain ReLU saves its output, a second tensor of
-the same size. Here the forward is PyTorch's own kernel (bit-identical output and running-stat
-updates) and the saved tensor is x_hat = (x - mean) * invstd, from which the backward gets every
+the same size. Here PyTorch's own kernel normalises (and updates the running statistics), the
+affine part is one fused multiply-add, and the saved tensor is x_hat = (x - mean) * invstd, from which the backward gets every
 gradient (a compact ReLU after it saves only a 1-bit mask). With batch statistics, per channel c
 over the n = numel / C elements of c, and g_hat = grad_output * gamma:
 
@@ -14,7 +14,9 @@ gradient (a frozen BatchNorm in eval mode saves no activation at all).
 
 ``storage``: "float" (x's dtype: exact gradients), "bf16" (2 bytes, ~3 significant digits) or
 "int8" (1 byte, one symmetric scale per channel). The reduced forms are approximations whose
-gradient error the bench measures; they are never a default.
+gradient error the bench measures; they are never a default. The output equals PyTorch's
+``batch_norm`` to rounding (the affine part is applied to x_hat instead of being folded into one
+scale and shift), and the backward is PyTorch's fused kernel applied to x_hat.
 """
 from __future__ import annotations
 
@@ -65,15 +67,19 @@ class CompactBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, use_batch_stats: bool, momentum: float,
                 eps: float, storage: str):
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var,
-                                                  use_batch_stats, momentum, eps)
+        # PyTorch's kernel without the affine part gives x_hat (and updates the running statistics)
+        x_hat, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var,
+                                                      use_batch_stats, momentum, eps)
         if not use_batch_stats:
-            mean = running_mean
             invstd = torch.rsqrt(running_var + eps)
-        work = torch.promote_types(x.dtype, torch.float32)
-        x_hat = (x.to(work) - _channel_view(mean, x)) * _channel_view(invstd, x)
-        stored, scale = encode(x_hat.to(x.dtype) if storage == "float" else x_hat, storage)
-        return y, stored, scale, invstd.to(work)
+        if weight is None:
+            y = x_hat.clone() if bias is None else x_hat + _channel_view(bias, x_hat)
+        elif bias is None:
+            y = x_hat * _channel_view(weight, x_hat)
+        else:
+            y = torch.addcmul(_channel_view(bias, x_hat), x_hat, _channel_view(weight, x_hat))
+        stored, scale = encode(x_hat, storage)
+        return y, stored, scale, invstd.to(torch.promote_types(x.dtype, torch.float32))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -89,29 +95,37 @@ class CompactBatchNormFunction(torch.autograd.Function):
         ctx.use_batch_stats = use_batch_stats
         ctx.x_dtype = x.dtype
         ctx.has_bias = bias is not None
+        ctx.eps = inputs[7]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, _g_stored, _g_scale, _g_invstd):
         stored, scale, invstd, weight = ctx.saved_tensors
-        work = invstd.dtype
-        g = grad_output.to(work)
-        dims = _reduce_dims(g)
-        x_hat = None if stored is None else decode(stored, scale, work)
-        g_hat = g if weight is None else g * _channel_view(weight.to(work), g)
+        want = ctx.needs_input_grad
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            if ctx.use_batch_stats:
-                mean_g = g_hat.mean(dim=dims, keepdim=True)
-                mean_gx = (g_hat * x_hat).mean(dim=dims, keepdim=True)
-                grad_x = (g_hat - mean_g - x_hat * mean_gx) * _channel_view(invstd, g)
-            else:
-                grad_x = g_hat * _channel_view(invstd, g)
-            grad_x = grad_x.to(ctx.x_dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = (g * x_hat).sum(dim=dims).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(dim=dims).to(weight.dtype if weight is not None else work)
+        if ctx.use_batch_stats:
+            # PyTorch's fused backward run on x_hat itself (mean 0, invstd 1) with the weight
+            # gamma * invstd gives exactly the formulas of the module docstring.
+            x_hat = decode(stored, scale, grad_output.dtype)
+            scaled = invstd if weight is None else weight.to(invstd) * invstd
+            zeros = torch.zeros_like(invstd)
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad_output, x_hat, scaled.to(grad_output.dtype), None, None, zeros,
+                torch.ones_like(invstd), True, ctx.eps,
+                [want[0], weight is not None and want[1], ctx.has_bias and want[2]])
+        else:
+            g = grad_output
+            dims = _reduce_dims(g)
+            if want[0]:
+                scaled = invstd if weight is None else weight.to(invstd) * invstd
+                grad_x = g * _channel_view(scaled.to(g.dtype), g)
+            if weight is not None and want[1]:
+                grad_w = (g * decode(stored, scale, g.dtype)).sum(dim=dims)
+            if ctx.has_bias and want[2]:
+                grad_b = g.sum(dim=dims)
+        grad_x = None if grad_x is None else grad_x.to(ctx.x_dtype)
+        grad_w = None if grad_w is None or weight is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(weight.dtype if weight is not None else ctx.x_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 

@@ -1,4 +1,9 @@
-"""Boolean masks stored at one bit per element: the form every compact op saves its masks in."""
+"""Boolean masks stored at one bit per element: the form every compact op saves its masks in.
+
+Packing reads eight bools (one byte each, 0 or 1) as one int64 and gathers their low bits into
+the top byte with one multiply (the 0x0102...80 constant puts bit b_i at position 56 + i, and no
+two partial products overlap). Unpacking looks up each byte in a 256-entry table of eight bools.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,14 +11,17 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-_BIT_WEIGHTS: dict[torch.device, Tensor] = {}
+_GATHER = 0x0102040810204080
+_TABLES: dict[torch.device, Tensor] = {}
 
 
-def _weights(device: torch.device) -> Tensor:
-    w = _BIT_WEIGHTS.get(device)
-    if w is None:
-        w = _BIT_WEIGHTS[device] = (2 ** torch.arange(8, device=device)).to(torch.uint8)
-    return w
+def _unpack_table(device: torch.device) -> Tensor:
+    """(256,) int64 whose 8 bytes are the bits of the index, least significant first."""
+    table = _TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = _TABLES[device] = bits.to(torch.uint8).view(torch.int64).view(-1).to(device)
+    return table
 
 
 def pack_bits(mask: Tensor) -> Tensor:
@@ -22,8 +30,8 @@ def pack_bits(mask: Tensor) -> Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    # bit i carries weight 2^i; the eight weighted bits of a byte never overlap, so a sum packs them
-    return (flat.view(-1, 8).to(torch.uint8) * _weights(flat.device)).sum(1, dtype=torch.uint8)
+    words = flat.contiguous().view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER) >> 56).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
@@ -31,8 +39,8 @@ def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
     numel = 1
     for n in shape:
         numel *= int(n)
-    bits = packed.unsqueeze(1).bitwise_and(_weights(packed.device)).ne(0)
-    return bits.reshape(-1)[:numel].reshape(tuple(shape))
+    words = _unpack_table(packed.device)[packed.long()]
+    return words.view(torch.uint8).view(torch.bool)[:numel].view(tuple(shape))
 
 
 def packed_nbytes(numel: int) -> int:

@@ -2,10 +2,13 @@
 and int64 indices.
 
 Plain ``max_pool2d`` saves its input x (B, C, H, W) and int64 flat indices of the maxima. The
-backward only needs the indices; each one is determined by the output position and the offset
-inside its window, kh * kw <= 256 values for every common pool, so one byte per output suffices
-(int16 / int32 for larger windows). The backward rebuilds the flat indices and scatter-adds
-grad_output, which is exactly what PyTorch's own backward does (overlapping windows add up).
+backward needs only where each maximum sits inside its window: kh * kw <= 256 positions for
+every common pool, one byte per output (int16 / int32 for larger windows). The forward is
+PyTorch's own kernel (so the maxima and the tie-breaking are PyTorch's); its flat index minus the
+flat index of the window's origin is ``ki * dh * W + kj * dw``, from which the offset
+``ki * kw + kj`` follows with a few comparisons (no integer division, which CPUs do not
+vectorise). The backward rebuilds the flat indices with one table look-up and scatter-adds
+grad_output, which is what PyTorch's own backward does (overlapping windows add up).
 """
 from __future__ import annotations
 
@@ -23,33 +26,37 @@ def _offset_dtype(window: int) -> torch.dtype:
     return torch.int16 if window <= 2 ** 15 else torch.int32
 
 
-def _window_origins(out_size: int, stride: int, padding: int, device) -> Tensor:
-    return torch.arange(out_size, device=device) * stride - padding
+def _origins(out_hw: Sequence[int], in_w: int, stride, padding, device) -> Tensor:
+    """(Ho, Wo) int64 flat index of each window's top-left corner (may lie in the padding)."""
+    rows = torch.arange(out_hw[0], device=device) * stride[0] - padding[0]
+    cols = torch.arange(out_hw[1], device=device) * stride[1] - padding[1]
+    return rows.view(-1, 1) * in_w + cols.view(1, -1)
 
 
-def flat_indices_to_offsets(indices: Tensor, in_w: int, kernel: Sequence[int], stride: Sequence[int],
-                            padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
-    """indices: (B, C, Ho, Wo) int64 flat positions in an (H, W) plane -> in-window offsets
-    ``ki * kw + kj`` (the maximum sits at row origin_h + ki * dh, column origin_w + kj * dw)."""
-    ho, wo = indices.shape[-2:]
-    rows, cols = indices // in_w, indices % in_w
-    oh = _window_origins(ho, stride[0], padding[0], indices.device).view(ho, 1)
-    ow = _window_origins(wo, stride[1], padding[1], indices.device).view(1, wo)
-    ki = (rows - oh) // dilation[0]
-    kj = (cols - ow) // dilation[1]
-    return (ki * kernel[1] + kj).to(_offset_dtype(kernel[0] * kernel[1]))
+def _steps(t: Tensor, step: int, count: int, dtype: torch.dtype) -> Tensor:
+    """Number of j in 1..count-1 with t >= j * step: t // step for 0 <= t < count * step."""
+    out = torch.zeros(t.shape, dtype=dtype, device=t.device)
+    for j in range(1, count):
+        out += t >= j * step
+    return out
 
 
-def offsets_to_flat_indices(offsets: Tensor, in_w: int, kernel: Sequence[int], stride: Sequence[int],
-                            padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
-    """Inverse of :func:`flat_indices_to_offsets`: (B, C, Ho, Wo) offsets -> int64 flat indices."""
-    ho, wo = offsets.shape[-2:]
-    off = offsets.long()
-    oh = _window_origins(ho, stride[0], padding[0], offsets.device).view(ho, 1)
-    ow = _window_origins(wo, stride[1], padding[1], offsets.device).view(1, wo)
-    rows = oh + (off // kernel[1]) * dilation[0]
-    cols = ow + (off % kernel[1]) * dilation[1]
-    return rows * in_w + cols
+def indices_to_offsets(indices: Tensor, in_w: int, kernel, stride, padding, dilation) -> Tensor:
+    """indices: (B, C, Ho, Wo) flat positions in an (H, W) plane -> in-window offsets."""
+    dtype = _offset_dtype(kernel[0] * kernel[1])
+    delta = indices - _origins(indices.shape[-2:], in_w, stride, padding, indices.device)
+    row_step = dilation[0] * in_w
+    ki = _steps(delta, row_step, kernel[0], dtype)
+    col = delta - ki.long() * row_step                       # kj * dw
+    kj = col.to(dtype) if dilation[1] == 1 else _steps(col, dilation[1], kernel[1], dtype)
+    return ki * kernel[1] + kj
+
+
+def offsets_to_indices(offsets: Tensor, in_w: int, kernel, stride, padding, dilation) -> Tensor:
+    """Inverse of :func:`indices_to_offsets`: (B, C, Ho, Wo) offsets -> int64 flat indices."""
+    k = torch.arange(kernel[0] * kernel[1], device=offsets.device)
+    shift = (k // kernel[1]) * dilation[0] * in_w + (k % kernel[1]) * dilation[1]
+    return _origins(offsets.shape[-2:], in_w, stride, padding, offsets.device) + shift[offsets.long()]
 
 
 class CompactMaxPool2dFunction(torch.autograd.Function):
@@ -58,7 +65,7 @@ class CompactMaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool):
         y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-        return y, flat_indices_to_offsets(idx, x.shape[-1], kernel, stride, padding, dilation)
+        return y, indices_to_offsets(idx, x.shape[-1], kernel, stride, padding, dilation)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -67,14 +74,14 @@ class CompactMaxPool2dFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(offsets)
         ctx.save_for_backward(offsets)
         ctx.geometry = (kernel, stride, padding, dilation)
-        ctx.x_shape = x.shape
+        ctx.x_shape = tuple(x.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor, _grad_offsets):
         (offsets,) = ctx.saved_tensors
         b, c, h, w = ctx.x_shape
-        idx = offsets_to_flat_indices(offsets, w, *ctx.geometry)
+        idx = offsets_to_indices(offsets, w, *ctx.geometry)
         grad = grad_output.new_zeros(b * c, h * w)
         grad.scatter_add_(1, idx.reshape(b * c, -1), grad_output.reshape(b * c, -1))
         return grad.view(b, c, h, w), None, None, None, None, None
@@ -86,7 +93,10 @@ def _pair(v) -> tuple[int, int]:
 
 def compact_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
                        ceil_mode: bool = False) -> Tensor:
-    """``F.max_pool2d`` with compact saved state. x: (B, C, H, W) or (C, H, W)."""
+    """``F.max_pool2d`` with compact saved state. x: (B, C, H, W) or (C, H, W).
+
+    A window wider than the row (kw - 1 >= W: the offsets would be ambiguous) uses the plain op.
+    """
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -94,6 +104,9 @@ def compact_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=
         raise ValueError(f"max_pool2d expects (B, C, H, W) or (C, H, W) inputs, got {tuple(x.shape)}")
     kernel = _pair(kernel_size)
     stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
-    y, _ = CompactMaxPool2dFunction.apply(x, kernel, stride, _pair(padding), _pair(dilation),
-                                          bool(ceil_mode))
+    padding, dilation = _pair(padding), _pair(dilation)
+    if (kernel[1] - 1) * dilation[1] >= x.shape[-1] * dilation[1]:
+        y = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    else:
+        y, _ = CompactMaxPool2dFunction.apply(x, kernel, stride, padding, dilation, bool(ceil_mode))
     return y.squeeze(0) if unbatched else y
