@@ -84,12 +84,13 @@ _RESIDUAL_RULE = ("train_energy", "train_max_rank", "train_max_rank_fraction")
 
 def _lance_training_rule(d: dict) -> dict:
     """Rank rule of LANCE-CL's training factor from the benchmark defaults: the residual-energy
-    rule (``train_energy`` 0.9, no rank cap) unless ``train_eps`` selects the total-energy rule
+    rule (``train_energy`` 0.9, rank capped at 25 % of the fan-in: chosen on the CIFAR-10
+    development split, docs/memory.md) unless ``train_eps`` selects the total-energy rule
     (the residual options given with it make the plugin refuse the mix)."""
     if d.get("train_eps") is not None:
         return {"train_eps": d["train_eps"], **{k: d[k] for k in _RESIDUAL_RULE if d.get(k) is not None}}
     return {"train_energy": d.get("train_energy", 0.9), "train_max_rank": d.get("train_max_rank"),
-            "train_max_rank_fraction": d.get("train_max_rank_fraction")}
+            "train_max_rank_fraction": d.get("train_max_rank_fraction", 0.25)}
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
@@ -97,6 +98,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
                     "tasks (every task compressed; training rank by residual energy)",
            lambda d: [LanceCLPlugin(**_subspace_options(d), **_lance_training_rule(d),
                                     position_eps=d.get("position_eps", 0.9),
+                                    calibration_batches=d.get("calibration_batches", 4),
                                     small_layer_dim=d.get("small_layer_dim", 80))], compact=True),
     Recipe("lance_paper", "LANCE-CL as published: task 1 with full backprop, training factors at "
                           "energy 0.98 (threshold-conv), CL thresholds of GPM",

@@ -80,3 +80,20 @@ def test_unknown_benchmark_and_empty_report(tmp_path: Path, capsys: pytest.Captu
     assert "unknown benchmark" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 1
     assert "no complete run" in capsys.readouterr().err
+
+
+def test_set_overrides_parse_and_reach_the_recorded_config(tmp_path: Path) -> None:
+    import argparse
+
+    from lance_cl.cl.commands import _override
+    from lance_cl.cl.runner import run_experiment
+
+    assert _override("train_energy=0.7") == ("train_energy", 0.7)
+    assert _override('compact_batch_norm="bf16"') == ("compact_batch_norm", "bf16")
+    assert _override("compact_batch_norm=bf16") == ("compact_batch_norm", "bf16")
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        _override("train_energy")
+    r = run_experiment("split_digits", "lance", 0, out_dir=tmp_path, epochs=1, quick=True,
+                       progress=False, max_tasks=1, overrides={"train_energy": 0.5})
+    assert r["config"]["defaults"]["train_energy"] == 0.5
+    assert r["per_task"][0]["layers"]["conv2"]["train_threshold"] == 0.5

@@ -397,3 +397,17 @@ def test_autocast_bfloat16_on_cpu_keeps_exact_output_and_float32_factors():
         assert p.grad.dtype == torch.float32
         cos = F.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
         assert cos > 0.99
+
+
+@pytest.mark.parametrize("method", ["lance", "gradient_filter"])
+def test_double_backward_through_a_compressed_layer_raises(method):
+    """grad_weight depends on the input through the core; a silent second derivative that treats
+    it as a constant would be wrong, so double backward must refuse."""
+    layer = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    lance_cl.compress(layer, method)
+    if method == "lance":
+        lance_cl.calibrate(layer, [x.detach()], progress=False)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()

@@ -44,6 +44,19 @@ def _strategies(text: str) -> list[str]:
     return names
 
 
+def _override(text: str) -> tuple[str, Any]:
+    """'train_energy=0.7' -> ('train_energy', 0.7); a value that is not JSON stays a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
 def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``run``: every (strategy, seed) on one benchmark, then the comparison table."""
     p = subparsers.add_parser(
@@ -77,6 +90,10 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the benchmark's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--set", dest="overrides", action="append", type=_override, default=[],
+                   metavar="KEY=VALUE",
+                   help="override one benchmark default (JSON value), e.g. --set train_energy=0.7 "
+                        "--set compact_batch_norm='\"bf16\"'; repeatable; recorded in each run's config")
     p.add_argument("--compact", action="store_true",
                    help="run every strategy with compact saved tensors for ReLU, dropout, max-pool "
                         "and BatchNorm (exact gradients); recipes that do not compact by default "
@@ -134,6 +151,7 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
                     args.benchmark, strategy, seed, out_dir=args.out, epochs=args.epochs,
                     data_root=args.data_root, device=args.device, quick=args.quick,
                     resume=not args.no_resume, progress=not args.no_progress, threads=args.threads,
+                    overrides=dict(getattr(args, "overrides", []) or []) or None,
                 ))
             except KeyboardInterrupt:
                 print("\ninterrupted: finished tasks are saved; run the same command to resume",

@@ -326,8 +326,12 @@ def run_experiment(
     progress: bool = True,
     max_tasks: Optional[int] = None,
     threads: Optional[int] = None,
+    overrides: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Run ``strategy`` on ``benchmark`` with ``seed``; returns the results dict (also on disk).
+
+    ``overrides`` replace entries of the benchmark's defaults (e.g. ``{"train_energy": 0.7}``);
+    they are part of the recorded config, so a resume only continues a run made with the same.
 
     ``epochs`` overrides the benchmark's maximum epochs per task; ``max_tasks`` stops after
     that many tasks (status stays "running", so a later call resumes). With ``resume`` an
@@ -341,7 +345,7 @@ def run_experiment(
     try:
         return _run(benchmark, strategy, seed, out_dir=out_dir, epochs=epochs, data_root=data_root,
                     device=device, quick=quick, resume=resume, progress=progress,
-                    max_tasks=max_tasks, threads=threads)
+                    max_tasks=max_tasks, threads=threads, overrides=overrides)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -360,6 +364,7 @@ def _run(
     progress: bool,
     max_tasks: Optional[int],
     threads: Optional[int],
+    overrides: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -372,6 +377,8 @@ def _run(
 
     seed_everything(seed)
     spec = get_benchmark(benchmark, data_root=data_root, seed=seed, quick=quick)
+    if overrides:
+        spec.defaults.update(overrides)
     max_epochs = int(epochs if epochs is not None else spec.defaults["epochs"])
     if threads is None:
         threads = spec.defaults.get("threads")

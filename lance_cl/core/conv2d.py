@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_weight
 
 from .tucker import mode_contract, mode_product, project, reconstruct
@@ -258,6 +259,7 @@ class TuckerConv2dFunction(torch.autograd.Function):
         ctx.layout = layout
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output, _grad_core):
         core, weight, *factors = ctx.saved_tensors
         grad_input, grad_bias = _grad_input_and_bias(ctx, grad_output, weight)
@@ -334,6 +336,7 @@ class GradientFilterConv2dFunction(torch.autograd.Function):
         ctx.radius = radius
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output, _grad_blocks):
         x_blocks, weight = ctx.saved_tensors
         grad_input, grad_bias = _grad_input_and_bias(ctx, grad_output, weight)

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .tucker import mode_contract, project
 
@@ -51,6 +52,7 @@ class TuckerLinearFunction(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output, _grad_core):
         core, weight, *factors = ctx.saved_tensors
         grad_input = grad_weight = grad_bias = None

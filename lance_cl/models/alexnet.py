@@ -51,7 +51,7 @@ class AlexNet5(MultiHeadModule):
         self.bn3 = nn.BatchNorm2d(256, track_running_stats=False)
         self.drop3 = drop(0.5)
         self.pool = nn.MaxPool2d(2)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)   # BatchNorm's backward never reads its output
 
         s = input_size
         for k in (4, 3, 2):

