@@ -68,8 +68,11 @@ __all__ = ["BenchConfig", "BenchDataError", "BenchSetupError", "MODELS", "METHOD
 
 BASE_METHODS: tuple[str, ...] = ("vanilla", "lance", "asi", "hosvd", "gradient_filter")
 # "+compact": the ops between the weight layers save compact tensors too (exact gradients, stem
-# recomputed); "+compact_bf16" / "+compact_int8": BatchNorm's normalised input in reduced precision
-COMPACT_VARIANTS: dict[str, str] = {"+compact": "float", "+compact_bf16": "bf16", "+compact_int8": "int8"}
+# recomputed); "+compact_nostem": the same with the stem stored; "+compact_bf16" / "+compact_int8":
+# BatchNorm's normalised input in reduced precision. suffix -> (BatchNorm storage, recompute stem)
+COMPACT_VARIANTS: dict[str, tuple[str, bool]] = {
+    "+compact": ("float", True), "+compact_nostem": ("float", False),
+    "+compact_bf16": ("bf16", True), "+compact_int8": ("int8", True)}
 METHODS: tuple[str, ...] = BASE_METHODS + tuple(
     m + v for m in ("vanilla", "lance") for v in COMPACT_VARIANTS) + tuple(
     m + "+compact" for m in ("asi", "hosvd", "gradient_filter"))
@@ -78,11 +81,11 @@ DEFAULT_METHODS: tuple[str, ...] = ("vanilla", "vanilla+compact", "vanilla+compa
                                     "gradient_filter")
 
 
-def split_variant(name: str) -> tuple[str, Optional[str]]:
-    """'lance+compact_bf16' -> ('lance', 'bf16'); 'asi' -> ('asi', None)."""
-    for suffix, storage in COMPACT_VARIANTS.items():
+def split_variant(name: str) -> tuple[str, Optional[tuple[str, bool]]]:
+    """'lance+compact_bf16' -> ('lance', ('bf16', True)); 'asi' -> ('asi', None)."""
+    for suffix in sorted(COMPACT_VARIANTS, key=len, reverse=True):
         if name.endswith(suffix):
-            return name[: -len(suffix)], storage
+            return name[: -len(suffix)], COMPACT_VARIANTS[suffix]
     return name, None
 MODELS: tuple[str, ...] = ("alexnet", "mobilenet")
 
@@ -379,8 +382,9 @@ def _setup_method(method: str, base: nn.Module, body: Sequence[str], cfg: BenchC
     ranks and FLOPs on the measured batch. Returns the model (kept for timing) and its results."""
     model = copy.deepcopy(base)
     names = _method_layers(method, model, body)
-    plain_method, storage = split_variant(method)
-    compact = None if storage is None else {"batch_norm": storage, "recompute": stem_segments(model)}
+    plain_method, variant = split_variant(method)
+    compact = None if variant is None else {
+        "batch_norm": variant[0], "recompute": stem_segments(model) if variant[1] else ()}
     lance_cl.compress(model, plain_method, names, **_method_options(method, cfg))
     calibration = {"lance": cfg.lance_calibration_batches,
                    "asi": cfg.asi_calibration_batches}.get(plain_method)

@@ -340,7 +340,7 @@ def test_lance_recipe_takes_its_training_rule_from_the_benchmark():
         return build_strategy("lance", make_model(2), {"lr": 0.1, **defaults}).plugins[0]
     default = plugin_of({})
     assert (default.train_energy, default.train_max_rank, default.train_eps) == (0.9, None, None)
-    assert default.train_max_rank_fraction == 0.25 and default.calibration_batches == 4
+    assert default.train_max_rank_fraction == 0.25 and default.calibration_batches is None
     chosen = plugin_of({"train_energy": 0.8, "train_max_rank_fraction": 0.25})
     assert (chosen.train_energy, chosen.train_max_rank_fraction) == (0.8, 0.25)
     total = plugin_of({"train_eps": 0.97})
