@@ -92,8 +92,9 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--set", dest="overrides", action="append", type=_override, default=[],
                    metavar="KEY=VALUE",
-                   help="override one benchmark default (JSON value), e.g. --set train_energy=0.7 "
-                        "--set compact_batch_norm='\"bf16\"'; repeatable; recorded in each run's config")
+                   help="override one benchmark default (a JSON value, else a string), e.g. --set "
+                        "train_energy=0.7 --set compact_batch_norm=bf16; repeatable; recorded in "
+                        "each run's config")
     p.add_argument("--compact", action="store_true",
                    help="run every strategy with compact saved tensors for ReLU, dropout, max-pool "
                         "and BatchNorm (exact gradients); recipes that do not compact by default "
