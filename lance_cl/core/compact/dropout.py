@@ -5,7 +5,7 @@ the global CPU generator (so the global random stream advances reproducibly),
 generates the keep-mask with a private generator seeded by it, and saves the 1-bit mask
 (``mode="packed"``, the default: numel / 8 bytes, 1/32 of a float mask) or only the seed
 (``mode="regenerate"``: 8 bytes, but the mask is drawn a second time in backward, which costs
-about 8% of an AlexNet-5 training step on a CPU; see docs/performance.md). Scaling is
+about 8% of an AlexNet-5 training step on a CPU; docs/memory.md). Scaling is
 1 / (1 - p) as in ``torch.nn.Dropout``; the mask itself differs from PyTorch's (another stream), so
 outputs agree with plain dropout in distribution, and gradients are exact for the mask drawn.
 """
