@@ -348,3 +348,30 @@ def test_lance_recipe_takes_its_training_rule_from_the_benchmark():
     with pytest.raises(ValueError, match="cannot be combined"):
         plugin_of({"train_eps": 0.97, "train_max_rank": 10})
     assert build_strategy("lance_paper", make_model(2), {"lr": 0.1}).plugins[0].train_eps == 0.98
+
+
+def test_heads_are_never_protected_whatever_they_are_called():
+    import torchvision
+    from avalanche.models import MultiHeadClassifier, MTSimpleMLP
+
+    from lance_cl.cl.subspace import head_layer_names, protected_layer_names
+
+    resnet = torchvision.models.resnet18(num_classes=3)
+    assert head_layer_names(resnet) == ["fc"]
+    assert "fc" not in protected_layer_names(resnet) and "conv1" in protected_layer_names(resnet)
+    assert head_layer_names(torchvision.models.mobilenet_v2(num_classes=3)) == ["classifier.1"]
+    assert head_layer_names(MTSimpleMLP()) == ["classifier.classifiers.0.classifier"]
+
+    class Body(nn.Module):            # a multi-head classifier under a name no glob knows
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Linear(4, 8)
+            self.out = MultiHeadClassifier(8, 2)
+
+    body = Body()
+    assert protected_layer_names(body) == ["trunk"]
+    # the explicit override: protect the torchvision head too, or name another head
+    assert "fc" in protected_layer_names(resnet, heads=[])
+    assert "conv1" not in protected_layer_names(resnet, heads=["conv1"])
+    plugin = GPMPlugin(heads=[])
+    assert "fc" in plugin.protected_names(resnet)

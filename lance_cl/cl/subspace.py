@@ -36,15 +36,42 @@ def fan_in_dim(module: nn.Module) -> int:
     return module.in_features
 
 
-def protected_layer_names(model: nn.Module, layers: Optional[Sequence[str]] = None,
-                          exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
-    """Linear/Conv2d modules whose weights are shared across tasks (heads excluded by name).
+# classes whose Linear layers are task heads wherever they sit (Avalanche's multi-head and
+# incremental classifiers; lance_cl's MultiHeadModule keeps its heads in ``.heads``)
+HEAD_CLASSES = ("MultiHeadClassifier", "IncrementalClassifier")
 
-    ``layers``: explicit name globs to protect instead of the default selection.
+
+def head_layer_names(model: nn.Module) -> list[str]:
+    """The model's own output layers, whatever they are called: every Linear/Conv2d inside an
+    Avalanche ``MultiHeadClassifier`` / ``IncrementalClassifier`` or a MultiHeadModule's
+    ``heads``; a model with none of these has one output layer, its last Linear (torchvision's
+    ``fc``, ``classifier.1``, ...)."""
+    containers = [name for name, m in model.named_modules()
+                  if any(c.__name__ in HEAD_CLASSES for c in type(m).__mro__)]
+    if isinstance(getattr(model, "heads", None), nn.ModuleList):
+        containers.append("heads")
+    weights = [(name, m) for name, m in model.named_modules()
+               if name and isinstance(m, (nn.Linear, nn.Conv2d))]
+    if containers:
+        return [name for name, _ in weights
+                if any(name == c or name.startswith(c + ".") if c else True for c in containers)]
+    linears = [name for name, m in weights if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+def protected_layer_names(model: nn.Module, layers: Optional[Sequence[str]] = None,
+                          exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                          heads: Optional[Sequence[str]] = None) -> list[str]:
+    """Linear/Conv2d modules whose weights are shared across tasks.
+
+    ``layers``: explicit name globs to protect instead of the default selection. Otherwise every
+    Linear/Conv2d except those matching ``exclude`` and the heads: ``heads`` names them
+    explicitly (``[]``: no head), default :func:`head_layer_names`. Heads are never protected.
     """
+    head_names = set(head_layer_names(model) if heads is None else heads)
     names = []
     for name, module in model.named_modules():
-        if not name or not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not name or not isinstance(module, (nn.Linear, nn.Conv2d)) or name in head_names:
             continue
         if layers is not None:
             if any(fnmatch.fnmatchcase(name, pat) for pat in layers):

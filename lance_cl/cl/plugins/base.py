@@ -50,12 +50,13 @@ class SubspacePlugin(SupervisedPlugin):
     def __init__(self, eps: float = 0.97, eps_step: float = 0.003, layers: Optional[Sequence[str]] = None,
                  exclude: Sequence[str] = DEFAULT_EXCLUDE, basis_samples: int = 125,
                  small_layer_dim: int = 0, allow_unsafe_optimizer: bool = False,
-                 eval_mb_size: int = 128):
+                 eval_mb_size: int = 128, heads: Optional[Sequence[str]] = None):
         super().__init__()
         self.eps = check_eps(eps)
         self.eps_step = float(eps_step)
         self.layers = None if layers is None else list(layers)
         self.exclude = tuple(exclude)
+        self.heads = None if heads is None else list(heads)   # None: detected (head_layer_names)
         self.basis_samples = int(basis_samples)
         self.small_layer_dim = int(small_layer_dim)
         self.allow_unsafe_optimizer = allow_unsafe_optimizer
@@ -73,7 +74,7 @@ class SubspacePlugin(SupervisedPlugin):
 
     def protected_names(self, model: nn.Module) -> list[str]:
         if self._names is None:
-            self._names = protected_layer_names(model, self.layers, self.exclude)
+            self._names = protected_layer_names(model, self.layers, self.exclude, self.heads)
         return self._names
 
     def protected_weights(self, model: nn.Module) -> list[nn.Parameter]:

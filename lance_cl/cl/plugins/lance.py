@@ -52,7 +52,9 @@ class LanceCLPlugin(SubspacePlugin):
         small_layer_dim: layers with fan-in d <= this take the whole complement of P (80 in the
             reference code).
         basis_samples: samples of the finished task that grow P (GPM uses 125).
-        layers / exclude: which Linear/Conv2d layers are shared and protected (heads excluded).
+        layers / exclude: which Linear/Conv2d layers are shared and protected.
+        heads: the output layers, never protected (default: detected, see
+            ``lance_cl.cl.subspace.head_layer_names``; ``[]``: none).
         allow_unsafe_optimizer: skip the optimizer guard (weight decay, Adam-like optimizers).
     """
 
