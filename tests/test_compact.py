@@ -54,6 +54,8 @@ ACTIVATIONS = [
     ("relu6", lambda t: F.relu6(t), dict(kind="hardtanh", a=0.0, b=6.0)),
     ("hardtanh", lambda t: F.hardtanh(t, -1.5, 2.0), dict(kind="hardtanh", a=-1.5, b=2.0)),
     ("leaky", lambda t: F.leaky_relu(t, 0.1), dict(kind="leaky_relu", a=0.1)),
+    ("hardtanh_open", lambda t: F.hardtanh(t, -1.5, float("inf")),
+     dict(kind="hardtanh", a=-1.5, b=float("inf"))),
 ]
 
 
@@ -104,6 +106,20 @@ def test_max_pool_matches_autograd(k, s, p, d, ceil):
     assert torch.equal(y, expected)
     g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
     # overlapping windows add in another order than PyTorch's scatter: equal to rounding
+    torch.testing.assert_close(grads(y, x, g)[0], grads(expected, x, g)[0], rtol=1e-15, atol=1e-14)
+
+
+@pytest.mark.parametrize("width", [3, 4, 5, 9])
+def test_max_pool_with_unequal_dilations_matches_autograd(width):
+    """Windows that reach a whole row further than the row is wide (kernel (2, 3), dilation
+    (1, 2)) on narrow inputs, where flat-index differences of two window positions can coincide."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 6, width, generator=gen, dtype=torch.float64, requires_grad=True)
+    args = ((2, 3), 1, (0, 1), (1, 2), False)
+    expected = F.max_pool2d(x, *args)
+    y = compact_max_pool2d(x, *args)
+    assert torch.equal(y, expected)
+    g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(grads(y, x, g)[0], grads(expected, x, g)[0], rtol=1e-15, atol=1e-14)
 
 

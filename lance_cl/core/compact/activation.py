@@ -21,12 +21,12 @@ def _forward(x: Tensor, kind: str, a: float, b: float, inplace: bool) -> tuple[T
     if kind == "leaky_relu":
         mask = x > 0
         y = F.leaky_relu(x, a, inplace=inplace)
-    else:  # hardtanh family: relu is (0, inf), relu6 is (0, 6)
-        mask = (x > a) & (x < b) if b != float("inf") else x > a
-        if b == float("inf"):
-            y = F.relu(x, inplace=inplace)
-        else:
-            y = F.hardtanh(x, a, b, inplace=inplace)
+    elif b == float("inf"):  # hardtanh family: relu is (0, inf), relu6 is (0, 6)
+        mask = x > a
+        y = F.relu(x, inplace=inplace) if a == 0.0 else F.hardtanh(x, a, b, inplace=inplace)
+    else:
+        mask = (x > a) & (x < b)
+        y = F.hardtanh(x, a, b, inplace=inplace)
     return y, mask
 
 

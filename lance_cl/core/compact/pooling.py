@@ -95,7 +95,8 @@ def compact_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=
                        ceil_mode: bool = False) -> Tensor:
     """``F.max_pool2d`` with compact saved state. x: (B, C, H, W) or (C, H, W).
 
-    A window wider than the row (kw - 1 >= W: the offsets would be ambiguous) uses the plain op.
+    Where a window reaches a whole row further ((kw - 1) * dw >= dh * W, so two positions of one
+    window could share a flat-index difference) the plain op is used.
     """
     unbatched = x.dim() == 3
     if unbatched:
@@ -105,7 +106,7 @@ def compact_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=
     kernel = _pair(kernel_size)
     stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
     padding, dilation = _pair(padding), _pair(dilation)
-    if (kernel[1] - 1) * dilation[1] >= x.shape[-1] * dilation[1]:
+    if (kernel[1] - 1) * dilation[1] >= dilation[0] * x.shape[-1]:
         y = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     else:
         y, _ = CompactMaxPool2dFunction.apply(x, kernel, stride, padding, dilation, bool(ceil_mode))
