@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .core.compact import BATCH_NORM_STORAGES, DROPOUT_MODES, recompute_segment
 from .layers.compact import COMPACT_MODULES, CompactModule
+from .layers.swap import set_submodule
 
 KINDS = ("activation", "dropout", "pooling", "batch_norm")
 
@@ -40,17 +41,17 @@ class CompactReport(list):
         return "\n".join(lines)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _recomputed_forward(module: nn.Module, forward, *args, **kwargs) -> Tensor:
     if len(args) != 1 or kwargs:
         raise TypeError(f"a recomputed segment takes one tensor input; {type(module).__name__} got "
                         f"{len(args)} positional and {len(kwargs)} keyword arguments")
     return recompute_segment(forward, args[0], module)
+
+
+def _is_recomputed(module: nn.Module) -> bool:
+    """True when ``module``'s forward was wrapped by ``compact_activations(recompute=...)``."""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _recomputed_forward
 
 
 def _mark_recompute(model: nn.Module, name: str) -> None:
@@ -99,7 +100,7 @@ def compact_activations(model: nn.Module, *, batch_norm: str = "float", dropout:
             continue
         new = cls.from_module(module, **{k: options[k] for k in cls.options})
         if name:
-            _set_module(model, name, new)
+            set_submodule(model, name, new)
         else:
             raise ValueError(f"the model itself is a {type(module).__name__}: wrap it in a container")
     for name in recompute:
@@ -121,8 +122,7 @@ def compact_report(model: nn.Module) -> CompactReport:
     for name in sorted(getattr(model, "recomputed_segments", ())):
         rows.append(CompactRow(name, "segment", "segment", "its input (recomputed in backward)"))
     for name, module in model.named_modules():
-        if "forward" in module.__dict__ and isinstance(module.forward, functools.partial) \
-                and module.forward.func is _recomputed_forward:
+        if _is_recomputed(module):
             rows.append(CompactRow(name, "segment", type(module).__name__,
                                    "its input (recomputed in backward)"))
         if isinstance(module, CompactModule):
@@ -133,11 +133,10 @@ def compact_report(model: nn.Module) -> CompactReport:
 def uncompact_activations(model: nn.Module) -> nn.Module:
     """Restore the plain modules (same Parameters and buffers) and stop recomputing; returns model."""
     for name, module in list(model.named_modules()):
-        if "forward" in module.__dict__ and isinstance(module.forward, functools.partial) \
-                and module.forward.func is _recomputed_forward:
+        if _is_recomputed(module):
             del module.forward
         if isinstance(module, CompactModule) and name:
-            _set_module(model, name, module.to_plain())
+            set_submodule(model, name, module.to_plain())
     if hasattr(model, "recomputed_segments"):
         model.recomputed_segments = set()
     return model

@@ -16,6 +16,7 @@ from .core.budget import select_under_budget
 from .core.conv2d import filter_blocks
 from .core.tucker import project, tucker_bytes
 from .layers import COMPRESSED_LAYERS, CompressedLayer, compressed_type_for
+from .layers.swap import set_submodule
 
 LayerSelector = Union[None, int, str, Sequence[str], type, tuple]
 BUDGET_EPS_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -154,12 +155,6 @@ def select_layers(model: nn.Module, layers: LayerSelector = None,
     return list(dict.fromkeys(chosen))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def compress(model: nn.Module, method: str = "lance", layers: LayerSelector = None, *,
              example_inputs: Any = None, compact: Union[bool, dict] = False,
              **options) -> CompressionReport:
@@ -183,7 +178,7 @@ def compress(model: nn.Module, method: str = "lance", layers: LayerSelector = No
         if isinstance(module, CompressedLayer):
             module = module.to_plain()
         cls = compressed_type_for(module)
-        _set_module(model, name, cls.from_module(module, name, method, **dict(options)))
+        set_submodule(model, name, cls.from_module(module, name, method, **dict(options)))
     if compact:
         from .compact import compact_activations
 
@@ -194,7 +189,7 @@ def compress(model: nn.Module, method: str = "lance", layers: LayerSelector = No
 def uncompress(model: nn.Module) -> nn.Module:
     """Restore plain modules (same Parameters) everywhere; returns ``model``."""
     for name, layer in compressed_layers(model).items():
-        _set_module(model, name, layer.to_plain())
+        set_submodule(model, name, layer.to_plain())
     return model
 
 

@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
     try:
         for name in args.strategies:
             recipes.parse_strategy(name)
-        names = [recipes.with_compaction(s) if getattr(args, "compact", False) else s
+        names = [recipes.with_compaction(s) if args.compact else s
                  for s in args.strategies]
     except ValueError as exc:   # every strategy is checked before anything trains
         print(f"lance-cl run: {exc}", file=sys.stderr)
@@ -152,7 +152,7 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
                     args.benchmark, strategy, seed, out_dir=args.out, epochs=args.epochs,
                     data_root=args.data_root, device=args.device, quick=args.quick,
                     resume=not args.no_resume, progress=not args.no_progress, threads=args.threads,
-                    overrides=dict(getattr(args, "overrides", []) or []) or None,
+                    overrides=dict(args.overrides) or None,
                 ))
             except KeyboardInterrupt:
                 print("\ninterrupted: finished tasks are saved; run the same command to resume",

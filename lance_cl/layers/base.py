@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..compressors import Compressor, build_compressor
 from ..core.frozen import frozen_conv2d, frozen_linear
+from .swap import rebind
 
 
 class CompressedLayer(nn.Module):
@@ -31,11 +32,7 @@ class CompressedLayer(nn.Module):
     def from_module(cls, module: nn.Module, layer_name: str, method: str,
                     **options) -> "CompressedLayer":
         """Wrap ``module`` (sharing its Parameters) with compression ``method``."""
-        layer = cls.__new__(cls)
-        layer.__dict__.update(module.__dict__)
-        layer._parameters = dict(module._parameters)   # same Parameter objects
-        layer._buffers = dict(module._buffers)
-        layer._modules = dict(module._modules)
+        layer = rebind(module, cls)
         layer.layer_name = layer_name
         layer.bypass = False
         layer.last_input_shape = None
@@ -46,11 +43,8 @@ class CompressedLayer(nn.Module):
 
     def to_plain(self) -> nn.Module:
         """The plain module with the same Parameters, no compressor."""
-        plain = self.plain_type.__new__(self.plain_type)
-        plain.__dict__.update(self.__dict__)
-        plain._parameters = dict(self._parameters)
-        plain._buffers = dict(self._buffers)
-        plain._modules = {k: v for k, v in self._modules.items() if k != "compressor"}
+        plain = rebind(self, self.plain_type)
+        plain._modules.pop("compressor", None)
         for attr in ("layer_name", "bypass", "last_input_shape", "conv_spec", "layout"):
             plain.__dict__.pop(attr, None)
         return plain

@@ -2,8 +2,8 @@
 
 Plain ``batch_norm`` saves its input; a following plain ReLU saves its output, a second tensor of
 the same size. Here PyTorch's own kernel normalises (and updates the running statistics), the
-affine part is one fused multiply-add, and the saved tensor is x_hat = (x - mean) * invstd, from which the backward gets every
-gradient (a compact ReLU after it saves only a 1-bit mask). With batch statistics, per channel c
+affine part is one fused multiply-add, and the saved tensor is x_hat = (x - mean) * invstd,
+from which the backward gets every gradient (a compact ReLU after it saves only a 1-bit mask). With batch statistics, per channel c
 over the n = numel / C elements of c, and g_hat = grad_output * gamma:
 
     grad_x     = invstd * (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat))
@@ -102,13 +102,13 @@ class CompactBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output, _g_stored, _g_scale, _g_invstd):
         stored, scale, invstd, weight = ctx.saved_tensors
         want = ctx.needs_input_grad
+        g = grad_output
+        dims = _reduce_dims(g)
         grad_x = grad_w = grad_b = None
         if ctx.use_batch_stats:
             # Written out rather than PyTorch's fused kernel, which holds two x-sized buffers at
             # once: here the only x-sized temporary (g * x_hat) is freed before grad_x exists,
             # so a step's peak holds one gradient-sized tensor less.
-            g = grad_output
-            dims = _reduce_dims(g)
             x_hat = decode(stored, scale, g.dtype)
             n = g.numel() // g.shape[1]
             sum_gx = (g * x_hat).sum(dim=dims)
@@ -123,8 +123,6 @@ class CompactBatchNormFunction(torch.autograd.Function):
                 grad_x = torch.addcmul(g, x_hat, _channel_view(-sum_gx / n, g))
                 grad_x.sub_(_channel_view(sum_g / n, g)).mul_(_channel_view(coeff, g))
         else:
-            g = grad_output
-            dims = _reduce_dims(g)
             if want[0]:
                 scaled = invstd if weight is None else weight.to(invstd) * invstd
                 grad_x = g * _channel_view(scaled.to(g.dtype), g)

@@ -8,6 +8,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..swap import rebind
+
 COMPACT_MODULES: dict[type[nn.Module], type["CompactModule"]] = {}
 
 
@@ -20,17 +22,6 @@ def register_compact_module(plain_type: type[nn.Module]) -> Callable[[type], typ
         return cls
 
     return wrap
-
-
-def rebind(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A new ``cls`` instance sharing ``module``'s state: the same Parameter and buffer objects
-    and children, so optimizers and state_dict keys are unaffected."""
-    out = cls.__new__(cls)
-    out.__dict__.update(module.__dict__)
-    out._parameters = dict(module._parameters)
-    out._buffers = dict(module._buffers)
-    out._modules = dict(module._modules)
-    return out
 
 
 def needs_saving(x: Tensor) -> bool:
