@@ -303,6 +303,18 @@ def test_compact_activations_on_an_avalanche_model_saves_less():
     plain.eval()
     model.eval()
     assert torch.equal(model(x), plain(x))
+    # training mode, float64, dropout off in both (its mask comes from another random stream):
+    # every gradient is plain autograd's
+    for m in (plain, model):
+        m.double().train()
+        for d in m.modules():
+            if isinstance(d, nn.Dropout):
+                d.p = 0.0
+    x64 = x.double()
+    r = torch.randn(8, 4, dtype=torch.float64)
+    for m in (model, plain):
+        (m(x64) * r).sum().backward()
+    assert _global_rel_error(model, plain) < 1e-12
 
 
 def test_compact_activations_bad_options():
