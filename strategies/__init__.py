@@ -20,6 +20,7 @@ from avalanche.training import Cumulative, Naive
 from avalanche.training.plugins import AGEMPlugin, EvaluationPlugin, EWCPlugin, LwFPlugin
 from torch import nn
 
+from ..cl.plugins import codecl, trgp
 from ..cl.plugins import GPMPlugin, LanceCLPlugin, ResumableAGEMPlugin, SGPPlugin, SubspacePlugin
 
 
@@ -108,6 +109,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            lambda d: [GPMPlugin(**_subspace_options(d))]),
     Recipe("sgp", "SGP (Saha & Roy 2023): GPM bases with importance-scaled projection",
            lambda d: [SGPPlugin(**_subspace_options(d), alpha=d.get("alpha", 10.0))]),
+    Recipe("trgp", "TRGP (Lin et al. 2022): GPM projection plus trust-region scaled weight "
+                   "projection on the most related old tasks",
+           lambda d: trgp.recipe_plugins(d)),
+    Recipe("codecl", "CODE-CL (Apolinario et al. 2025): conceptor-based gradient projection with "
+                     "forward transfer on the conceptors' intersection",
+           lambda d: codecl.recipe_plugins(d)),
     Recipe("naive", "fine-tuning without protection (lower bound)", lambda d: []),
     Recipe("ewc", "EWC (Kirkpatrick et al. 2017), separate Fisher per task",
            lambda d: [EWCPlugin(ewc_lambda=d.get("ewc_lambda", 100.0))]),
