@@ -1,6 +1,7 @@
 """The ``lance-cl`` command: ``bench`` (activation memory, step time and gradient fidelity of every
-compression method against vanilla), ``run`` (continual-learning benchmark runs) and ``report``
-(tables and plots from saved runs)."""
+compression method against vanilla), ``run`` (continual-learning benchmark runs), ``report``
+(tables and plots from saved runs) and ``finetune`` (fine-tuning the last layers of a pretrained
+backbone with each method)."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parser(sub)
     add_report_parser(sub)
+
+    from lance_cl.finetune.command import add_finetune_parser  # standard library only
+
+    add_finetune_parser(sub)
     return parser
 
 

@@ -1,0 +1,260 @@
+"""lance-cl finetune: frozen part, full-rank gradients against float64 autograd, the run's JSON /
+table / plot, clear errors for missing weights or data, failed methods as rows."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lance_cl.data import DatasetNotFoundError
+from lance_cl.finetune import FinetuneConfig
+from lance_cl.finetune import data as ft_data
+from lance_cl.finetune import loop, results, runner
+from lance_cl.finetune.models import WeightsNotFoundError, build_backbone, reset_head
+from lance_cl.finetune.protocol import method_options, parse_method_values, parse_seeds
+
+torch.set_num_threads(1)
+SIZE = 16
+
+
+def _batches(n_batches: int, batch: int = 6, dtype=torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, SIZE, SIZE, generator=gen, dtype=dtype),
+             torch.randint(0, 3, (batch,), generator=gen)) for _ in range(n_batches)]
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    torch.manual_seed(0)
+    model, _ = build_backbone("mobilenet_blocks", 3)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+def test_layer_selection_counts_from_the_end_in_execution_order(base):
+    x = _batches(1)[0][0]
+    assert loop.finetuned_layer_names(base, 2, x) == ["blocks.6.project.0", "head"]
+    assert loop.finetuned_layer_names(base, "4", x) == [
+        "blocks.6.expand.0", "blocks.6.depthwise.0", "blocks.6.project.0", "head"]
+    assert loop.finetuned_layer_names(base, "blocks.6.project*", x) == ["blocks.6.project.0"]
+
+
+def test_frozen_part_gets_no_gradient_and_saves_nothing(base):
+    x, y = _batches(1)[0]
+    names = ["blocks.6.expand.0", "head"]   # project / depthwise convs frozen in between
+    model, compressed = loop.prepare_model(base, "vanilla", names, {}, [], x)
+    assert compressed == names
+    params = {id(p) for p in model.parameters()}
+    reached, saved_before, saved_frozen = [False], [], []
+    frozen_between = ["blocks.6.depthwise.0", "blocks.6.project.0"]
+    inside = []
+    model.get_submodule(names[0]).register_forward_pre_hook(lambda *a: reached.__setitem__(0, True))
+    for n in frozen_between:
+        m = model.get_submodule(n)
+        m.register_forward_pre_hook(lambda *a, n=n: inside.append(n))
+        m.register_forward_hook(lambda *a: (inside.pop(), None)[1])
+
+    def pack(t):
+        if id(t) not in params:
+            (saved_frozen if inside else saved_before if not reached[0] else []).append(t.shape)
+        return t
+
+    loop.set_finetune_mode(model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert saved_before == []        # nothing before the first fine-tuned layer
+    assert saved_frozen == []        # frozen convs between fine-tuned layers keep only weights
+    for name, p in model.named_parameters():
+        trained = any(name.startswith(n + ".") for n in names)
+        assert p.requires_grad == trained, name
+        assert (p.grad is not None) == trained, name
+    mem = __import__("lance_cl").measure_activation_memory(model, x, lambda o: F.cross_entropy(o, y),
+                                                           layers=names)
+    assert all(mem["per_layer"].get(n, 0) == 0 for n in frozen_between)
+    assert mem["selected"] > 0
+
+
+# lance: eps=1.0 keeps only the span of the calibration batches, so "full rank" is rank=n here.
+# gradient_filter is no rank method: at R=1 it is exact only for 1x1 convs (a k x k kernel sees
+# block means at every offset), so its set is the 1x1 convs and the head.
+@pytest.mark.parametrize("method,options", [
+    ("lance", {"rank": 10**6}), ("asi", {"eps": 1.0}), ("asi", {"rank": 10**6}),
+    ("hosvd", {"eps": 1.0}), ("gradient_filter", {"radius": 1})])
+def test_full_rank_methods_match_vanilla_weight_gradients_in_float64(base, method, options):
+    double = base.double()
+    try:
+        calib = _batches(2, dtype=torch.float64, seed=1)
+        x, y = _batches(1, dtype=torch.float64, seed=2)[0]
+        names = loop.finetuned_layer_names(double, 4, x)
+        if method == "gradient_filter":
+            names.remove("blocks.6.depthwise.0")
+        reference = loop._weight_grads(double, names, x, y)   # plain autograd, nothing compressed
+        model, compressed = loop.prepare_model(double, method, names, options, calib, x)
+        got = loop._weight_grads(model, names, x, y)
+        assert compressed == ([n for n in names if n != "head"] if method == "gradient_filter"
+                              else names)
+        for n in names:
+            assert float(reference[n].norm()) > 0
+            torch.testing.assert_close(got[n], reference[n], rtol=1e-9, atol=1e-12)
+        agreement = loop.gradient_agreement(model, names, x, y)
+        assert all(a["angle_deg"] < 1e-4 and a["cosine"] > 1 - 1e-12 for a in agreement.values())
+    finally:
+        base.float()
+
+
+# ------------------------------------------------------------------------------------------------
+def test_batch_order_and_model_input_are_fixed_and_hand_checkable():
+    a, fa = loop.batch_order(10, 4, seed=3, epoch=1)
+    b, fb = loop.batch_order(10, 4, seed=3, epoch=1)
+    assert [t.tolist() for t in a] == [t.tolist() for t in b] and torch.equal(fa, fb)
+    assert len(a) == 2 and len(set(torch.cat(a).tolist())) == 8       # drop_last, no repeats
+    c, _ = loop.batch_order(10, 4, seed=3, epoch=2)
+    assert [t.tolist() for t in a] != [t.tolist() for t in c]
+    img = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    img[0, :, 0, 0] = 255
+    out = ft_data.model_input(img, 2, flip=torch.tensor([True]))
+    mean, std = ft_data.IMAGENET_MEAN[0], ft_data.IMAGENET_STD[0]
+    assert out[0, 0, 0, 1].item() == pytest.approx((1 - mean) / std)   # mirrored pixel
+    assert out[0, 0, 0, 0].item() == pytest.approx(-mean / std)
+    assert ft_data.model_input(img, 4).shape == (1, 3, 4, 4)
+
+
+def test_option_parsing():
+    assert parse_method_values("0.7", ("lance", "asi"), "eps") == {"lance": 0.7, "asi": 0.7}
+    assert parse_method_values("asi=0.9,lance=0.6", ("lance", "asi"), "eps") == {"asi": 0.9, "lance": 0.6}
+    with pytest.raises(ValueError, match="not one of"):
+        parse_method_values("vanilla=0.7", ("lance",), "eps")
+    assert parse_seeds("0-2,5") == (0, 1, 2, 5)
+    cfg = FinetuneConfig(eps={"lance": 0.6}, budget={"asi": 1000.0})
+    assert method_options(cfg, "lance") == {"eps": 0.6}
+    assert method_options(cfg, "asi") == {"budget": 1000.0}
+    assert method_options(cfg, "gradient_filter") == {"radius": 2}
+    with pytest.raises(ValueError, match="unknown method"):
+        FinetuneConfig(methods=("sgd",))
+
+
+def test_missing_weights_file_and_data_set_are_one_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nope" / "weights.pt"
+    with pytest.raises(WeightsNotFoundError, match="does not exist.*--pretrain"):
+        build_backbone("mobilenet_blocks", 5, str(missing))
+    with pytest.raises(WeightsNotFoundError, match="no torchvision weights"):
+        build_backbone("mobilenet_blocks", 5, "IMAGENET1K_V1")
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-python.tar.gz"):
+        ft_data.load_finetune_data("cifar10", tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="cub200"):
+        ft_data.load_finetune_data("cub200", tmp_path)
+    from lance_cl.cli import main
+
+    status = main(["finetune", "--model", "mobilenet_blocks", "--weights", str(missing),
+                   "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and err.startswith("lance-cl finetune:") and "Traceback" not in err
+    assert "mnist" in err and "MISSING" in err    # the data set is checked first
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A mobilenet_blocks pretrained here for one epoch on 96 FashionMNIST images."""
+    path = tmp_path_factory.mktemp("weights") / "fmnist.pt"
+    record = runner.pretrain("mobilenet_blocks", "fashion_mnist", path, epochs=1, batch_size=32,
+                             image_size=SIZE, train_limit=96, progress=False)
+    assert path.is_file() and len(record["history"]) == 1
+    return path
+
+
+def _tiny_config(weights, **changes) -> FinetuneConfig:
+    base = dict(model="mobilenet_blocks", weights=str(weights), dataset="mnist", layers=(2,),
+                epochs=2, batch_size=16, image_size=SIZE, train_limit=48, test_limit=40,
+                lance_calibration_batches=2, seeds=(0,), eps={"lance": 0.7, "asi": 0.8, "hosvd": 0.8})
+    base.update(changes)
+    return FinetuneConfig(**base)
+
+
+def test_run_writes_json_table_plot_that_regenerate(pretrained, tmp_path, capsys):
+    cfg = _tiny_config(pretrained, seeds=(0, 1))
+    out = tmp_path / "run"
+    result = runner.run_finetune(cfg, out, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert any(l.startswith("layers 2 / lance / seed 1 epoch 2/2: loss ") for l in lines)
+    assert {(r["method"], r["seed"]) for r in result["runs"]} == {
+        (m, s) for m in ("vanilla", "lance", "asi", "hosvd", "gradient_filter") for s in (0, 1)}
+    assert all(r["status"] == "ok" for r in result["runs"]), [r.get("error") for r in result["runs"]]
+    saved = results.load_result(out)
+    assert saved == json.loads(json.dumps(result))
+    table = (out / "finetune.md").read_text()
+    assert results.render_table(saved) == table
+    assert (out / "finetune.png").stat().st_size > 1000
+
+    runs = {(r["method"], r["seed"]): r for r in saved["runs"]}
+    van = [runs["vanilla", s] for s in (0, 1)]
+    lance = [runs["lance", s] for s in (0, 1)]
+    for r in saved["runs"]:
+        assert r["layers"] == ["blocks.6.project.0", "head"]
+        assert r["accuracy"] == r["epochs"][-1]["test_accuracy"]
+        assert r["memory"]["frozen_layers"] == 0
+        assert r["memory"]["finetuned_layers"] <= r["memory"]["whole_step"]
+    # vanilla saves the two inputs in float32: (16, 384, 1, 1) and (16, 64)
+    assert van[0]["memory"]["finetuned_layers"] == 4 * 16 * (384 + 64)
+    # the same data, head and schedule: identical first-epoch vanilla loss, and lance's
+    # first-epoch loss differs only through its gradients after the first step
+    assert van[0]["epochs"][0]["lr"] == lance[0]["epochs"][0]["lr"] == 0.05
+    row = next(l for l in table.splitlines() if l.startswith("| 2 | lance |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    acc = [r["accuracy"] for r in lance]
+    assert cells[3] == f"{statistics.fmean(acc):.2f} ± {statistics.stdev(acc):.2f}"
+    delta = statistics.fmean(acc) - statistics.fmean(r["accuracy"] for r in van)
+    assert cells[4] == f"{delta:+.2f}"
+    ratio = statistics.fmean(r["memory"]["finetuned_layers"] for r in van) / statistics.fmean(
+        r["memory"]["finetuned_layers"] for r in lance)
+    assert cells[6] == f"{ratio:.1f}x"
+    step = statistics.fmean(r["time"]["step_median_s"] for r in lance) * 1e3
+    assert len(cells) == 16 and cells[13] == f"{step:.2f}"
+
+
+def test_a_method_that_raises_is_a_failed_row(pretrained, tmp_path, monkeypatch):
+    real = runner.run_method
+
+    def flaky(base, method, *args, **kwargs):
+        if method == "hosvd":
+            raise RuntimeError("boom in hosvd")
+        return real(base, method, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_method", flaky)
+    cfg = _tiny_config(pretrained, methods=("hosvd", "vanilla"), epochs=1)
+    result = runner.run_finetune(cfg, tmp_path, progress=False)
+    status = {r["method"]: r["status"] for r in result["runs"]}
+    assert status == {"vanilla": "ok", "hosvd": "failed"}
+    assert result["runs"][0]["method"] == "vanilla"        # vanilla always runs first
+    table = (tmp_path / "finetune.md").read_text()
+    row = next(l for l in table.splitlines() if l.startswith("| 2 | hosvd |"))
+    assert row.startswith("| 2 | hosvd | 0 | failed: seed 0: RuntimeError: boom in hosvd |")
+    assert row.count("|") == table.splitlines()[5].count("|")      # as many cells as the header
+
+
+def test_weights_load_into_a_fresh_head_and_reset_head_is_seeded(pretrained):
+    model, info = build_backbone("mobilenet_blocks", 7, str(pretrained))
+    state = torch.load(pretrained, weights_only=True)
+    assert info["skipped_keys"] == ["head.weight", "head.bias"]      # 10 classes -> 7
+    torch.testing.assert_close(model.state_dict()["blocks.6.project.0.weight"],
+                               state["blocks.6.project.0.weight"])
+    reset_head(model, "mobilenet_blocks", 4)
+    first = model.head.weight.clone()
+    reset_head(model, "mobilenet_blocks", 4)
+    assert torch.equal(first, model.head.weight) and model.head.weight.shape == (7, 64)
+
+
+def test_evaluate_counts_correct_predictions():
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return torch.stack([x[:, 0, 0, 0], -x[:, 0, 0, 0]], 1)  # class 0 iff pixel is bright
+
+    x = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    x[:2] = 255
+    y = torch.tensor([0, 1, 1, 1])
+    assert loop.evaluate(Fixed(), x, y, 2, torch.device("cpu")) == 75.0
