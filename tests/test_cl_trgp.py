@@ -309,6 +309,35 @@ def test_three_experiences_in_one_train_call_match_three_calls():
             torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-5)
 
 
+def test_a_model_without_task_inputs_gets_the_scales_of_the_strategy_batches():
+    """Single-head nn.Sequential: training uses the live Qs, Avalanche's eval the batch labels."""
+    bm, _ = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, 16), nn.ReLU(), nn.Linear(16, 2))
+    plugin = _plugin()
+
+    class Outputs(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[Tensor, Tensor]] = []
+
+        def after_eval_forward(self, strategy, *args, **kwargs):
+            self.seen.append((strategy.mb_x.clone(), strategy.mb_output.detach().clone()))
+    outputs = Outputs()
+    strategy = _strategy([plugin, outputs], epochs=2, model=model)
+    for t in range(2):
+        strategy.train(bm.train_stream[t])
+    assert plugin.protected_names(model) == ["0"] and plugin.selected[1] == {"0": [0]}
+    strategy.eval([bm.test_stream[1]])
+    x = torch.cat([s[0] for s in outputs.seen])
+    seen = torch.cat([s[1] for s in outputs.seen])
+    model.eval()
+    with torch.no_grad():
+        with plugin.task_scales(1):
+            torch.testing.assert_close(seen, model(x))
+        assert (model(x) - seen).abs().max() > 1e-4           # unlabelled forward: plain layer
+
+
 # -- (c) exact resume -------------------------------------------------------------------------------
 def test_state_dict_round_trip_resumes_exactly():
     bm, _ = _data()

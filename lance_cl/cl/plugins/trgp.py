@@ -27,8 +27,13 @@ the gradient and the representation, SGD lr 0.01, batch 64, lr / 2 after 6 epoch
 validation improvement, lr_min 1e-5, at most 200 epochs, 5 % validation. 5-Datasets
 (``main_five_dataset.py``) and MiniImageNet (``main_mini_dataset.py``): eps 0.965 and 0.985
 (constant), 100 representation samples, 500 gradient samples (``selection_samples=500``),
-lr 0.1, lr / 3 after 5 epochs, lr_min 1e-3, 100 and 200 epochs. Published accuracy: CIFAR-100
-74.46, MiniImageNet 61.78, 5-Datasets 93.56 (Lin et al. 2022, Table 1).
+lr 0.1, lr / 3 after 5 epochs, lr_min 1e-3, 100 and 200 epochs (the 5-Datasets script selects
+only the previous task for the third task; here top 2 throughout). Reported accuracy (ACC, task-
+incremental, 5 runs; the authors' numbers as listed in Lin et al., NeurIPS 2022, "Beyond
+Not-Forgetting", Table 1): CIFAR-100 74.46, MiniImageNet 61.78, 5-Datasets 93.56, PMNIST 96.34.
+
+Cost: a layer with Qs runs its map twice (x -> W x + (W_eff - W) x, same result as W_eff x), and
+autograd keeps the small weight-sized factors of W_eff; the official code builds W_eff instead.
 
 Where this implementation differs from the official code, on purpose:
 
@@ -67,7 +72,7 @@ def projection_ratios(grad: Tensor, bases: Sequence[Tensor]) -> Tensor:
     grad: G (C_out, d), the fan-in view of a weight gradient; bases: B_j (d, k_j) orthonormal.
     Returns (len(bases),) float64.
     """
-    g = grad.reshape(grad.shape[0], -1).to(torch.float64)
+    g = grad.reshape(grad.shape[0], -1).to("cpu", torch.float64)
     norm = torch.linalg.matrix_norm(g)
     ratios = torch.zeros(len(bases), dtype=torch.float64)
     if norm <= 0:
@@ -205,8 +210,9 @@ class TRGPPlugin(GPMPlugin):
         self._epoch = 0
         self._added: dict[str, int] = {}
         self._device_scales: dict[tuple[int, str], tuple[list[Tensor], list[Tensor]]] = {}
-        self._call_labels: list[Optional[TaskLabels]] = []
-        self._context_labels: list[Optional[TaskLabels]] = []
+        self._call_labels: list[Optional[TaskLabels]] = []      # labels given to the model
+        self._batch_labels: Optional[TaskLabels] = None          # the strategy's mini-batch
+        self._context_labels: list[Optional[TaskLabels]] = []   # task_scales()
         self._hooked: Optional[nn.Module] = None
         self._handles: list[Any] = []
 
@@ -224,6 +230,8 @@ class TRGPPlugin(GPMPlugin):
     def _current_labels(self) -> Optional[TaskLabels]:
         if self._call_labels and self._call_labels[-1] is not None:
             return self._call_labels[-1]
+        if self._batch_labels is not None:
+            return self._batch_labels
         if self._context_labels and self._context_labels[-1] is not None:
             return self._context_labels[-1]
         return self._live_label
@@ -400,25 +408,15 @@ class TRGPPlugin(GPMPlugin):
     def before_eval(self, strategy, *args, **kwargs):
         self.attach(strategy.model)
 
-    def _push_batch_labels(self, strategy) -> None:
+    def _set_batch_labels(self, strategy, *args, **kwargs) -> None:
         batch = strategy.mbatch
-        self._context_labels.append(_normalise_labels(batch[-1]) if batch is not None and len(batch) >= 3 else None)
+        self._batch_labels = _normalise_labels(batch[-1]) if batch is not None and len(batch) >= 3 else None
 
-    def _pop_batch_labels(self, strategy) -> None:
-        if self._context_labels:
-            self._context_labels.pop()
+    def _clear_batch_labels(self, strategy, *args, **kwargs) -> None:
+        self._batch_labels = None
 
-    def before_forward(self, strategy, *args, **kwargs):
-        self._push_batch_labels(strategy)
-
-    def after_forward(self, strategy, *args, **kwargs):
-        self._pop_batch_labels(strategy)
-
-    def before_eval_forward(self, strategy, *args, **kwargs):
-        self._push_batch_labels(strategy)
-
-    def after_eval_forward(self, strategy, *args, **kwargs):
-        self._pop_batch_labels(strategy)
+    before_forward = before_eval_forward = _set_batch_labels
+    after_forward = after_eval_forward = _clear_batch_labels
 
     # -- basis update and the end of a task ---------------------------------------------------------
     def update_basis(self, name: str, old: Optional[Tensor], new: Tensor, gram: Tensor) -> None:
