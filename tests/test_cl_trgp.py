@@ -166,17 +166,27 @@ def _spans() -> list[Tensor]:
     return [q[:, :6], torch.cat([q[:, :4], q[:, 6:8]], 1)]      # A1, A2 (4 shared directions)
 
 
-def _data():
+def _tasks(n: int = N) -> tuple[list[Tensor], list[Tensor]]:
+    """Inputs and labels of the three tasks, ``n`` samples each."""
     g = torch.Generator().manual_seed(0)
     a1, a2 = _spans()
-    z1, z2 = torch.randn(N, 6, generator=g), torch.randn(N, 6, generator=g)
-    x3 = torch.randn(N, D_IN, generator=g)
+    z1, z2 = torch.randn(n, 6, generator=g), torch.randn(n, 6, generator=g)
+    x3 = torch.randn(n, D_IN, generator=g)
     xs = [z1 @ a1.t(), z2 @ a2.t(), x3]
     ys = [(z1[:, 0] > 0).long(), 2 + (z2[:, 1] + z2[:, 4] > 0).long(), 4 + (x3[:, :3].sum(1) > 0).long()]
-    x, y = torch.cat(xs), torch.cat(ys)
-    bm = nc_benchmark(TensorDataset(x, y), TensorDataset(x, y), n_experiences=3, task_labels=True,
-                      shuffle=False, fixed_class_order=list(range(6)),
-                      class_ids_from_zero_in_each_exp=True)
+    return xs, ys
+
+
+def _benchmark(xs: list[Tensor], ys: list[Tensor]):
+    data = TensorDataset(torch.cat(xs), torch.cat(ys))
+    return nc_benchmark(data, data, n_experiences=3, task_labels=True, shuffle=False,
+                        fixed_class_order=list(range(6)), class_ids_from_zero_in_each_exp=True)
+
+
+def _data():
+    bm = _benchmark(*_tasks())
+    g = torch.Generator().manual_seed(1)
+    a1, a2 = _spans()
     zv1, zv2 = torch.randn(32, 6, generator=g), torch.randn(32, 6, generator=g)
     xv3 = torch.randn(32, D_IN, generator=g)
     vals = [TensorDataset(zv1 @ a1.t(), (zv1[:, 0] <= 0).long()),          # flipped labels
@@ -282,6 +292,39 @@ def test_old_tasks_keep_their_outputs_with_their_own_scales(order):
     assert (_outputs(plain, probes[1], 1) - _outputs(model, probes[1], 1)).abs().max() > 1e-3
     # no TRGP param group left in the optimizer
     assert len(strategy.optimizer.param_groups) == 1
+
+
+class TanhBody(MultiHeadModule):
+    """fc1 (20 -> 96) -> tanh -> fc2 (96 -> 12) -> ReLU -> heads: fc2's inputs under W_eff of fc1
+    leave the span of those under W, and 24 samples per task leave fc2 room to learn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D_IN, 96)
+        self.fc2 = nn.Linear(96, 12)
+        self._make_heads(12, 3, 2)
+
+    def features(self, x: Tensor) -> Tensor:
+        return torch.relu(self.fc2(torch.tanh(self.fc1(x))))
+
+
+def test_bases_grow_from_the_inputs_a_task_sees_with_its_own_scales():
+    """Task 2's outputs (with its Qs) on its own training inputs survive task 3 to rounding. With
+    the bases grown from the unscaled network, as the official code does, they moved by 1.7e-4."""
+    n = 24
+    xs, ys = _tasks(n)
+    small = _benchmark(xs, ys)
+    plugin = TRGPPlugin(eps=1.0, eps_step=0.0, basis_samples=10 * n, selection_samples=n)
+    torch.manual_seed(0)
+    strategy = _strategy([plugin], epochs=6, model=TanhBody())
+    model = strategy.model
+    strategy.train(small.train_stream[0])
+    strategy.train(small.train_stream[1])
+    assert plugin.selected[1] == {"fc1": [0], "fc2": [0]} and plugin.bases["fc2"].shape[1] < 96
+    before, fc2 = _outputs(model, xs[1], 1), model.fc2.weight.detach().clone()
+    strategy.train(small.train_stream[2])
+    assert (model.fc2.weight.detach() - fc2).abs().max() > 1e-3
+    torch.testing.assert_close(_outputs(model, xs[1], 1), before, rtol=0, atol=2e-6)
 
 
 def test_three_experiences_in_one_train_call_match_three_calls():
