@@ -68,6 +68,8 @@ class AlexNet5(MultiHeadModule):
         self.drop5 = drop(0.5)
         self._make_heads(2048, n_tasks, n_classes)
 
+    segment_chains = {"stem": ("conv1", "bn1", "relu", "drop1", "pool")}
+
     def stem(self, x: Tensor) -> Tensor:
         """The first conv block. x: (B, in_channels, 32, 32) -> (B, 64, 14, 14)."""
         return self.pool(self.drop1(self.relu(self.bn1(self.conv1(x)))))

@@ -94,6 +94,8 @@ class ReducedResNet18(MultiHeadModule):
         self.flat_features = widths[-1] * pooled * pooled
         self._make_heads(self.flat_features, n_tasks, n_classes)
 
+    segment_chains = {"stem": ("conv1", "bn1", "relu")}
+
     def stem(self, x: Tensor) -> Tensor:
         """conv1 -> bn1 -> relu on the input batch. x: (B, in_channels, s, s)."""
         return self.relu(self.bn1(self.conv1(x)))

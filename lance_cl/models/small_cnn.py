@@ -47,6 +47,8 @@ class SmallCNN(MultiHeadModule):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._make_heads(hidden, n_tasks, n_classes)
 
+    segment_chains = {"stem": ("conv1", "bn1", "relu", "pool")}
+
     def stem(self, x: Tensor) -> Tensor:
         """The first conv block. x: (B, in_channels, s, s) -> (B, widths[0], s // 2, s // 2)."""
         return self.pool(self.relu(self.bn1(self.conv1(x))))

@@ -10,12 +10,14 @@ recomputed segment updates them once, as a stored one does.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
+
+from .chunked import ChunkedBlock, chunked_block
 
 
 class _KeepAlive(torch.autograd.Function):
@@ -48,11 +50,19 @@ def _frozen_running_stats(modules: list[nn.Module]) -> Iterator[None]:
                     getattr(m, k).copy_(v)
 
 
-def recompute_segment(fn: Callable[[Tensor], Tensor], x: Tensor, owner: nn.Module) -> Tensor:
+def recompute_segment(fn: Callable[[Tensor], Tensor], x: Tensor, owner: nn.Module,
+                      modules: Optional[Sequence[nn.Module]] = None, chunks: int = 8) -> Tensor:
     """``fn(x)`` whose internal activations are recomputed in backward. ``owner``: a module that
-    contains every module ``fn`` calls (its batch norms keep their running statistics)."""
+    contains every module ``fn`` calls (its batch norms keep their running statistics).
+    ``modules``: what ``fn`` applies, in order, when known; a conv -> BatchNorm2d -> per-sample
+    chain is then recomputed ``chunks`` batch chunks at a time (:mod:`.chunked`), which keeps one
+    chunk's feature maps alive in backward instead of the whole batch's."""
     if not torch.is_grad_enabled():
         return fn(x)
+    chunks = min(chunks, x.shape[0])
+    block = ChunkedBlock.from_modules(modules, chunks) if modules is not None else None
+    if block is not None:
+        return chunked_block(x, block)
     norms = [m for m in owner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
     context = (lambda: (contextlib.nullcontext(), _frozen_running_stats(norms)))

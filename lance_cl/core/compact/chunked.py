@@ -1,0 +1,250 @@
+"""A conv block recomputed in backward one batch chunk at a time.
+
+``conv -> BatchNorm -> per-sample tail`` (activation, dropout, pooling) is the stem of most
+small CNNs. Recomputing it whole in backward (``torch.utils.checkpoint``) saves nothing but its
+input, yet the recomputation materialises every full-batch feature map of the block at the
+worst moment of the step, when the parameter gradients are already allocated. Here the block
+is recomputed ``chunks`` samples-groups at a time, so backward holds one chunk's feature maps.
+
+Batch statistics couple the samples, so the backward makes two passes over the chunks. With
+x_hat = (z - mean) * invstd the normalised conv output, u = gamma * x_hat + beta the
+BatchNorm output and g_hat = dL/du * gamma, per channel over the n = B * H * W positions:
+
+    dL/dz = invstd * (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat))
+
+Pass 1 recomputes each chunk to get the two means; pass 2 recomputes it again and sends
+dL/dz through the conv's own backward (a compressed layer computes its weight gradient from
+its core, as usual), dL/dgamma = sum(dL/du * x_hat) and dL/dbeta = sum(dL/du) into the
+BatchNorm's parameters. With running statistics (eval mode) the two means vanish and one pass
+suffices. The gradients are those of the whole-batch block; dropout masks are drawn chunk by
+chunk from the random state saved at the forward, and redrawn identically in both passes.
+
+Like reentrant checkpointing, the backward calls ``torch.autograd.backward`` on the recomputed
+graph, so every leaf the block's modules use (hooks and parametrizations included) receives its
+gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+# modules that act on each sample separately, so a chunk of the batch sees what it would whole
+PER_SAMPLE_TYPES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.MaxPool2d, nn.AvgPool2d, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish)
+
+
+@dataclass(frozen=True)
+class ChunkedBlock:
+    """``tail(norm(conv(x)))``, recomputed in backward ``chunks`` parts at a time."""
+
+    conv: nn.Module
+    norm: nn.modules.batchnorm._BatchNorm
+    tail: tuple[nn.Module, ...]
+    chunks: int = 4
+
+    @classmethod
+    def from_modules(cls, modules: Sequence[nn.Module], chunks: int = 4) -> Optional["ChunkedBlock"]:
+        """The block for ``modules`` = (conv, norm, *per-sample tail), or None when they are not
+        of that form (the caller then recomputes the segment whole)."""
+        if len(modules) < 2 or chunks < 2:
+            return None
+        conv, norm, *tail = modules
+        if not isinstance(conv, nn.Conv2d) or not isinstance(norm, nn.BatchNorm2d):
+            return None
+        if not all(isinstance(m, PER_SAMPLE_TYPES) for m in tail):
+            return None
+        return cls(conv, norm, tuple(tail), int(chunks))
+
+    def statistics(self) -> bool:
+        """True: the norm normalises with the batch's statistics (training, or no running ones)."""
+        n = self.norm
+        return n.training or n.running_mean is None
+
+    def tail_forward(self, u: Tensor) -> Tensor:
+        """The per-sample ops on u, with their plain forward: what they save lives for one chunk
+        only, and a plain dropout draws the same mask with or without grad."""
+        for module in self.tail:
+            u = getattr(module, "plain_type", type(module)).forward(module, u)
+        return u
+
+
+def _rng_state(x: Tensor) -> Tensor:
+    if x.is_cuda:
+        return torch.cuda.get_rng_state(x.device)
+    return torch.get_rng_state()
+
+
+def _set_rng_state(state: Tensor, x: Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.set_rng_state(state, x.device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _channel(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def _update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor,
+                          n: int) -> None:
+    """The running-statistics update ``nn.BatchNorm2d`` makes in training (unbiased variance)."""
+    if not (norm.training and norm.track_running_stats and norm.running_mean is not None):
+        return
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            factor = 1.0 / float(norm.num_batches_tracked)
+    norm.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+    norm.running_var.mul_(1 - factor).add_(var * (n / max(n - 1, 1)), alpha=factor)
+
+
+class _ChunkedBlockFunction(torch.autograd.Function):
+    """out = block(x); saves x, the normalisation (mean, invstd) and the random state."""
+
+    @staticmethod
+    def forward(x: Tensor, block: ChunkedBlock, *params: Tensor):
+        parts = x.tensor_split(block.chunks)
+        z = None
+        for i, p in enumerate(parts):
+            zc = block.conv(p)
+            if z is None:
+                z = zc.new_empty((x.shape[0],) + zc.shape[1:])
+                z_parts = z.tensor_split(block.chunks)
+            z_parts[i].copy_(zc)
+            del zc
+        norm = block.norm
+        if block.statistics():
+            var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+            _update_running_stats(norm, mean, var, z.numel() // z.shape[1])
+        else:
+            mean, var = norm.running_mean.clone(), norm.running_var
+        invstd = torch.rsqrt(var + norm.eps)
+        rng = _rng_state(x)
+        out = None
+        for i, zc in enumerate(z_parts):
+            oc = _tail(block, _normalise(zc, mean, invstd), grad=False)[1]
+            if out is None:
+                out = oc.new_empty((x.shape[0],) + oc.shape[1:])
+                out_parts = out.tensor_split(block.chunks)
+            out_parts[i].copy_(oc)
+        return out, mean, invstd, rng
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, block = inputs[0], inputs[1]
+        _, mean, invstd, rng = output
+        ctx.block = block
+        ctx.mark_non_differentiable(mean, invstd, rng)
+        ctx.save_for_backward(x, mean, invstd, rng)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor, *_):
+        x, mean, invstd, rng = ctx.saved_tensors
+        block: ChunkedBlock = ctx.block
+        norm = block.norm
+        parts = x.tensor_split(block.chunks)
+        grads = grad_out.tensor_split(block.chunks)
+        want_x = ctx.needs_input_grad[0]
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_x_parts = grad_x.tensor_split(block.chunks) if want_x else [None] * len(parts)
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            # pass 1: the BatchNorm parameters' gradients, sum(dL/du) and sum(dL/du * x_hat),
+            # which with batch statistics also give the two means of g_hat = dL/du * gamma
+            _set_rng_state(rng, x)
+            sum_du = torch.zeros_like(mean)
+            sum_du_xhat = torch.zeros_like(mean)
+            batch_stats = block.statistics()
+            for p, g, gx in zip(parts, grads, grad_x_parts):
+                with torch.no_grad():
+                    x_hat = _normalise(block.conv(p), mean, invstd)
+                du = _tail_grad(block, x_hat, g)
+                sum_du += du.sum(dim=(0, 2, 3))
+                sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
+                if not batch_stats:      # running statistics: dL/dz = g_hat * invstd, one pass
+                    _conv_backward(block, p, du, None, invstd, [gx])
+            _accumulate(norm.weight, sum_du_xhat)
+            _accumulate(norm.bias, sum_du)
+            if batch_stats:
+                gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(mean)
+                positions = float(x.shape[0]) * x_hat.shape[2] * x_hat.shape[3]
+                means = (gamma * sum_du / positions, gamma * sum_du_xhat / positions)
+                _set_rng_state(rng, x)
+                for p, g, gx in zip(parts, grads, grad_x_parts):
+                    _conv_backward(block, p, g, means, invstd, [gx], mean=mean)
+        return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+def _normalise(zc: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """x_hat = (z - mean) * invstd, as a new tensor."""
+    return (zc - _channel(mean)).mul_(_channel(invstd))
+
+
+def _tail(block: ChunkedBlock, x_hat: Tensor, grad: bool) -> tuple[Tensor, Tensor]:
+    """(u, tail(u)) for one chunk, u = the norm's output (a grad-requiring leaf when ``grad``)."""
+    norm = block.norm
+    if norm.weight is not None:
+        u = torch.addcmul(_channel(norm.bias.detach()), x_hat, _channel(norm.weight.detach()))
+    else:
+        u = x_hat.clone()
+    with torch.set_grad_enabled(grad):
+        u.requires_grad_(grad)
+        return u, block.tail_forward(u.clone() if grad else u)
+
+
+def _tail_grad(block: ChunkedBlock, x_hat: Tensor, grad_out: Tensor) -> Tensor:
+    """dL/du for one chunk, u the norm's output."""
+    u, out = _tail(block, x_hat, grad=True)
+    (du,) = torch.autograd.grad(out, u, grad_out)
+    return du
+
+
+def _conv_backward(block: ChunkedBlock, p: Tensor, g: Tensor, means, invstd: Tensor,
+                   grad_x_out: list, mean: Optional[Tensor] = None) -> None:
+    """Recompute the conv on chunk ``p`` with grad and send dL/dz back through it. ``g``: the
+    tail's output gradient when ``means`` is given (batch statistics), else dL/du itself."""
+    norm = block.norm
+    xc = p.detach().requires_grad_(grad_x_out[0] is not None)
+    with torch.enable_grad():
+        zc = block.conv(xc)
+    if means is None:
+        grad_z = g * _channel(invstd)
+        if norm.weight is not None:
+            grad_z.mul_(_channel(norm.weight.detach()))
+    else:
+        x_hat = _normalise(zc.detach(), mean, invstd)
+        du = _tail_grad(block, x_hat, g)
+        grad_z = du
+        if norm.weight is not None:
+            grad_z = grad_z * _channel(norm.weight.detach())
+        grad_z = grad_z.sub_(_channel(means[0])).sub_(x_hat.mul_(_channel(means[1])))
+        grad_z.mul_(_channel(invstd))
+        del x_hat, du
+    torch.autograd.backward(zc, grad_z)
+    if grad_x_out[0] is not None:
+        grad_x_out[0].copy_(xc.grad)
+
+
+def _accumulate(param: Optional[Tensor], grad: Tensor) -> None:
+    """param.grad += grad (set when None), for a parameter that wants a gradient."""
+    if param is None or not param.requires_grad:
+        return
+    if param.grad is None:
+        param.grad = grad.detach().to(param.dtype).clone()
+    else:
+        param.grad.add_(grad.to(param.grad.dtype))
+
+
+def chunked_block(x: Tensor, block: ChunkedBlock) -> Tensor:
+    """``block.tail(block.norm(block.conv(x)))`` with the block recomputed chunk by chunk in
+    backward. x: (B, C, H, W). Saves x, (C,) statistics and the random state."""
+    params = [p for m in (block.conv, block.norm, *block.tail) for p in m.parameters()
+              if p.requires_grad]
+    out, *_ = _ChunkedBlockFunction.apply(x, block, *params)
+    return out
