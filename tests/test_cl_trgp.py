@@ -149,16 +149,17 @@ def test_hooked_layer_applies_the_stored_scales_of_its_task_only(kind):
 
 # -- (b) the guarantee in real strategies ------------------------------------------------------------
 class TwoLayerBody(MultiHeadModule):
-    """fc1 (20 -> 16) -> fc2 (16 -> 12) -> ReLU -> one head per task (3 tasks)."""
+    """fc1 (20 -> hidden) -> act -> fc2 (hidden -> 12) -> ReLU -> one head per task (3 tasks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 16, act: nn.Module | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(D_IN, 16)
-        self.fc2 = nn.Linear(16, 12)
+        self.fc1 = nn.Linear(D_IN, hidden)
+        self.act = act or nn.Identity()
+        self.fc2 = nn.Linear(hidden, 12)
         self._make_heads(12, 3, 2)
 
     def features(self, x: Tensor) -> Tensor:
-        return torch.relu(self.fc2(self.fc1(x)))
+        return torch.relu(self.fc2(self.act(self.fc1(x))))
 
 
 def _spans() -> list[Tensor]:
@@ -294,29 +295,17 @@ def test_old_tasks_keep_their_outputs_with_their_own_scales(order):
     assert len(strategy.optimizer.param_groups) == 1
 
 
-class TanhBody(MultiHeadModule):
-    """fc1 (20 -> 96) -> tanh -> fc2 (96 -> 12) -> ReLU -> heads: fc2's inputs under W_eff of fc1
-    leave the span of those under W, and 24 samples per task leave fc2 room to learn."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(D_IN, 96)
-        self.fc2 = nn.Linear(96, 12)
-        self._make_heads(12, 3, 2)
-
-    def features(self, x: Tensor) -> Tensor:
-        return torch.relu(self.fc2(torch.tanh(self.fc1(x))))
-
-
 def test_bases_grow_from_the_inputs_a_task_sees_with_its_own_scales():
-    """Task 2's outputs (with its Qs) on its own training inputs survive task 3 to rounding. With
-    the bases grown from the unscaled network, as the official code does, they moved by 1.7e-4."""
+    """Task 2's outputs (with its Qs) on its own training inputs survive task 3 to rounding. The
+    body has tanh between fc1 and fc2, so fc2's inputs under fc1's W_eff leave the span of those
+    under W, and 24 samples per task leave fc2 room to learn. With the bases grown from the
+    unscaled network, as the official code does, these outputs moved by 1.7e-4."""
     n = 24
     xs, ys = _tasks(n)
     small = _benchmark(xs, ys)
     plugin = TRGPPlugin(eps=1.0, eps_step=0.0, basis_samples=10 * n, selection_samples=n)
     torch.manual_seed(0)
-    strategy = _strategy([plugin], epochs=6, model=TanhBody())
+    strategy = _strategy([plugin], epochs=6, model=TwoLayerBody(96, nn.Tanh()))
     model = strategy.model
     strategy.train(small.train_stream[0])
     strategy.train(small.train_stream[1])
