@@ -387,9 +387,22 @@ def test_state_dict_round_trip_resumes_exactly():
     strategy.train(bm.train_stream[1])
     state = copy.deepcopy(plugin.state_dict())
     weights = copy.deepcopy(model.state_dict())
-    assert plugin.memory_stats()["persistent_bytes"] == sum(
+    stats = plugin.memory_stats()
+    assert stats["persistent_bytes"] == sum(
         t.numel() * 4 for store in (state["conceptors"], *state["transfer"].values())
         for e in store.values() for t in e.values())
+    assert stats["conceptor_bytes"] == sum(v.numel() * 4 for e in state["conceptors"].values()
+                                           for v in e.values())
+    assert stats["training_extra_bytes"] == 2 * 3 * 3 * 4      # the M gradients of fc1, fc2
+    # a forward that passes no task label is served as the task_context's task
+    x = torch.randn(5, D_IN)
+    with torch.no_grad():
+        model.eval()
+        with plugin.task_context(1):
+            served = model.heads[1](model.features(x))
+        torch.testing.assert_close(served, model(x, 1))
+        assert (model.heads[1](model.features(x)) - served).abs().max() > 1e-4
+    model.train()
     torch.manual_seed(7)
     strategy.train(bm.train_stream[2])
 
@@ -439,6 +452,17 @@ def test_unsafe_optimizers_and_untasked_models_are_refused():
                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4))
     with pytest.raises(UnsafeOptimizerError, match="weight_decay"):
         strategy.train(bm.train_stream[0])
+    # a model that gets no task labels cannot select transfer matrices
+    torch.manual_seed(0)
+    single = nn.Sequential(nn.Linear(D_IN, 16), nn.ReLU(), nn.Linear(16, 2))
+    strategy = _strategy(single, _plugin(num_free_dim=3, min_linear_fan_in=0),
+                         GPMSchedulePlugin(vals, lr=0.2), "codecl_first", 1)
+    strategy.train(bm.train_stream[0])
+    with pytest.raises(ValueError, match="MultiTaskModule"):
+        strategy.train(bm.train_stream[1])
+    with pytest.raises(ValueError, match="one value or one per layer"):
+        _strategy(TwoLayerBody(2), CODEPlugin(aperture=[1.0, 2.0, 3.0]), GPMSchedulePlugin(vals, lr=0.2),
+                  "codecl_first", 1).train(bm.train_stream[0])
     with pytest.raises(ValueError, match="aperture_gain"):
         CODEPlugin(aperture_gain=1.5)
     with pytest.raises(ValueError, match="aperture"):

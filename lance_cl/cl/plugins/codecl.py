@@ -207,6 +207,7 @@ class CODEPlugin(SubspacePlugin):
         self.max_aperture_steps = int(max_aperture_steps)
         self.conceptors: dict[str, dict[str, Tensor]] = {}
         self.transfer: dict[int, dict[str, dict[str, Tensor]]] = {}
+        self.peak_training_extra_bytes = 0              # over the tasks trained so far
         # training-time and model-side state (never checkpointed)
         self._model: Optional[nn.Module] = None
         self._hooks: list[Any] = []
@@ -250,15 +251,40 @@ class CODEPlugin(SubspacePlugin):
     # -- conceptors of a task's inputs -------------------------------------------------------
     def task_conceptors(self, model: nn.Module, dataset: Any, device: Any) -> dict[str, dict[str, Any]]:
         """Conceptor of each protected layer's inputs over ``basis_samples`` samples of
-        ``dataset`` under the current weights, aperture adapted by the reconstruction rule.
-
-        Two passes over the same samples (eval mode): the fan-in Grams, then, for the adapted
-        eigenvalue sequences c_0, c_1, ... (c_{n+1} = adapt(c_n, 1.1)), sum_j ||C_n x_j|| and
-        sum_j ||x_j|| accumulated batch by batch, so no layer input is kept. Returns per layer
-        {"matrix": C (d, d) float64, "aperture": final aperture, "steps": adaptations,
+        ``dataset`` under the current weights, aperture adapted by the reconstruction rule:
+        the first n with sum_j ||C_n x_j|| / sum_j ||x_j|| >= ``aperture_gain``, where C_0 =
+        R (R + a^-2 I)^-1 and C_{n+1} = C_n adapted by ``aperture_step`` (the official loop).
+        Returns per layer {"matrix": C (d, d) float64, "aperture": final aperture, "steps": n,
         "ratio": reconstruction ratio reached}.
         """
         names = self.protected_names(model)
+        correlations = self._input_correlations(model, names, dataset, device)
+        candidates = {}
+        for name in names:
+            c, vec = conceptor_eigen(correlations[name], self.aperture_of(model, name))
+            steps = [c]
+            for _ in range(self.max_aperture_steps):
+                steps.append(adapt_aperture(steps[-1], self.aperture_step))
+            candidates[name] = (vec, torch.stack(steps, 1))               # (d, d), (d, steps + 1)
+        ratios = self._reconstruction_ratios(model, candidates, dataset, device)
+        out = {}
+        for name in names:
+            vec, eigenvalues = candidates[name]
+            reached = (ratios[name] >= self.aperture_gain).nonzero()
+            if len(reached) == 0:
+                warnings.warn(f"CODEPlugin: layer {name!r} did not reach the reconstruction ratio "
+                              f"{self.aperture_gain} in {self.max_aperture_steps} aperture steps "
+                              f"(best {float(ratios[name].max()):.4f}); using the last conceptor")
+            n = int(reached[0]) if len(reached) else self.max_aperture_steps
+            out[name] = {"matrix": _symmetric(eigenvalues[:, n], vec),
+                         "aperture": self.aperture_of(model, name) * self.aperture_step ** n,
+                         "steps": n, "ratio": float(ratios[name][n])}
+        return out
+
+    def _input_correlations(self, model: nn.Module, names: Sequence[str], dataset: Any,
+                            device: Any) -> dict[str, Tensor]:
+        """R = X X^T / n per layer, (d, d) float64: the fan-in Gram over n columns (samples x
+        output positions)."""
         columns = {n: 0 for n in names}
 
         def count(name):
@@ -273,49 +299,37 @@ class CODEPlugin(SubspacePlugin):
         finally:
             for h in handles:
                 h.remove()
-        eigen, sequences = {}, {}
-        for name in names:
-            c, vec = conceptor_eigen(grams[name] / max(columns[name], 1), self.aperture_of(model, name))
-            steps = [c]
-            for _ in range(self.max_aperture_steps):
-                steps.append(adapt_aperture(steps[-1], self.aperture_step))
-            eigen[name] = (torch.stack(steps, 1), vec)                # (d, steps + 1): c_n
-            sequences[name] = eigen[name][0].pow(2)
-        reconstructed = {n: torch.zeros(self.max_aperture_steps + 1, dtype=torch.float64) for n in names}
-        norms = {n: 0.0 for n in names}
+        return {n: grams[n] / max(columns[n], 1) for n in names}
 
-        def reconstruction(name):
-            vec, squares = eigen[name][1], sequences[name]
+    def _reconstruction_ratios(self, model: nn.Module, candidates: dict[str, tuple[Tensor, Tensor]],
+                               dataset: Any, device: Any) -> dict[str, Tensor]:
+        """sum_j ||C_n x_j|| / sum_j ||x_j|| for every candidate C_n = V diag(c_n) V^T of a
+        layer (candidates: name -> (V (d, d), c (d, steps))), over the same samples as the
+        correlations, accumulated batch by batch (no layer input is kept). name -> (steps,)."""
+        reconstructed = {n: 0.0 for n in candidates}
+        norms = {n: 0.0 for n in candidates}
+
+        def accumulate(name):
+            vec, squares = candidates[name][0], candidates[name][1].pow(2)
 
             def hook(mod, inputs, output):
                 x = fan_in_view(mod, inputs[0].detach()).to(torch.float64)    # (N, d, L)
-                cols = x.transpose(1, 2).reshape(-1, x.shape[1])
-                for chunk in cols.split(4096):
-                    z2 = (chunk @ vec.to(chunk.device)).pow(2)                  # (n, d)
-                    reconstructed[name] += (z2 @ squares.to(chunk.device)).sqrt().sum(0).cpu()
+                v, c2 = vec.to(x.device), squares.to(x.device)
+                for chunk in x.transpose(1, 2).reshape(-1, x.shape[1]).split(4096):
+                    z2 = (chunk @ v).pow(2)                # squared eigen-coordinates (n, d)
+                    reconstructed[name] = reconstructed[name] + (z2 @ c2).sqrt().sum(0).cpu()
                     norms[name] += float(z2.sum(1).sqrt().sum())
             return hook
-        handles = [model.get_submodule(n).register_forward_hook(reconstruction(n)) for n in names]
-        try:
+        handles = [model.get_submodule(n).register_forward_hook(accumulate(n)) for n in candidates]
+        try:     # no Gram here: collect_fan_in_grams only runs the forward passes
             collect_fan_in_grams(model, [], self._batches(dataset, device), forward_batch,
                                  max_samples=self.basis_samples)
         finally:
             for h in handles:
                 h.remove()
-        out = {}
-        for name in names:
-            seq, vec = eigen[name]
-            ratios = reconstructed[name] / norms[name] if norms[name] > 0 else torch.ones(1)
-            reached = (ratios >= self.aperture_gain).nonzero()
-            if len(reached) == 0:
-                warnings.warn(f"CODEPlugin: layer {name!r} did not reach the reconstruction ratio "
-                              f"{self.aperture_gain} in {self.max_aperture_steps} aperture steps "
-                              f"(best {float(ratios.max()):.4f}); using the last conceptor")
-            n = int(reached[0]) if len(reached) else self.max_aperture_steps
-            out[name] = {"matrix": _symmetric(seq[:, n], vec),
-                         "aperture": self.aperture_of(model, name) * self.aperture_step ** n,
-                         "steps": n, "ratio": float(ratios[min(n, len(ratios) - 1)])}
-        return out
+        steps = self.max_aperture_steps + 1
+        return {n: (reconstructed[n] / norms[n]) if norms[n] > 0
+                else torch.ones(steps, dtype=torch.float64) for n in candidates}
 
     def _batches(self, dataset: Any, device: Any) -> Iterator[list[Tensor]]:
         return self._device_batches(self.task_loader(None, dataset=dataset), device)
@@ -334,6 +348,7 @@ class CODEPlugin(SubspacePlugin):
             self._hooks.append(module.register_forward_hook(self._transfer_hook(name)))
 
     def detach(self) -> None:
+        """Remove the forward hooks (the model computes with its plain weights again)."""
         for h in self._hooks:
             h.remove()
         self._hooks, self._model, self._labels = [], None, None
@@ -350,6 +365,7 @@ class CODEPlugin(SubspacePlugin):
             self._context = self._labels = previous
 
     def _read_labels(self, module, args, kwargs):
+        """Root pre-hook: the task labels of this call, ``model(x, task_labels)``."""
         labels = args[1] if len(args) > 1 else kwargs.get("task_labels", kwargs.get("task_label"))
         self._labels = self._context if labels is None else labels
 
@@ -386,11 +402,11 @@ class CODEPlugin(SubspacePlugin):
                 pair = self._pair(task, name, output.device)
                 if pair is None:
                     continue
-                u, m = pair
-                w = module.weight.view(module.weight.shape[0], -1)
-                delta = (w @ u.to(w.dtype)) @ (m.to(w.dtype) @ u.t().to(w.dtype)) \
-                    - (w.detach() @ u.to(w.dtype)) @ u.t().to(w.dtype)          # (C_out, d)
-                delta = delta.view_as(module.weight)
+                w = module.weight.view(module.weight.shape[0], -1)          # (C_out, d)
+                u, m = (t.to(w.dtype) for t in pair)
+                wu = w @ u
+                # W U M U^T - sg(W) U U^T: the value W U (M - I) U^T, the official gradients
+                delta = (wu @ (m @ u.t()) - wu.detach() @ u.t()).view_as(module.weight)
                 if len(tasks) == 1:
                     return output + _layer_apply(module, x, delta)
                 rows = torch.as_tensor(labels, device=x.device).reshape(-1) == task
@@ -404,10 +420,13 @@ class CODEPlugin(SubspacePlugin):
         return hook
 
     def _scale_state(self, module, state, prefix, local_metadata):
+        """state_dict post-hook while a task trains: its M matrices join the model's state."""
         for name, m in self._scales.items():
             state[f"{prefix}codecl.scale.{name}"] = m.detach().clone()
 
-    def _load_scale_state(self, module, state, prefix, local_metadata, strict, missing, unexpected, errors):
+    def _load_scale_state(self, module, state, prefix, local_metadata, strict, missing, unexpected,
+                          errors):
+        """load_state_dict pre-hook: take the M entries out (into the live M), if present."""
         for name, m in self._scales.items():
             value = state.pop(f"{prefix}codecl.scale.{name}", None)
             if value is not None:
@@ -456,6 +475,8 @@ class CODEPlugin(SubspacePlugin):
             self._scales[name] = nn.Parameter(self._initial_scale(k).to(device))
             log["transfer_dim"] = k
         if self._scales:
+            self.peak_training_extra_bytes = max(self.peak_training_extra_bytes,
+                                                 self.training_extra_bytes())
             self._add_param_group(strategy)
             # torch marks state_dict hooks with an attribute, which bound methods cannot take
             self._training_hooks = [
@@ -541,7 +562,8 @@ class CODEPlugin(SubspacePlugin):
             conceptors={n: {k: v.clone() for k, v in e.items()} for n, e in self.conceptors.items()},
             transfer={t: {n: {k: v.clone() for k, v in e.items()} for n, e in layers.items()}
                       for t, layers in self.transfer.items()},
-            hyperparameters=self._hyperparameters())
+            hyperparameters=self._hyperparameters(),
+            peak_training_extra_bytes=self.peak_training_extra_bytes)
         return state
 
     def _hyperparameters(self) -> dict[str, Any]:
@@ -557,6 +579,7 @@ class CODEPlugin(SubspacePlugin):
                            for n, e in state["conceptors"].items()}
         self.transfer = {int(t): {n: {k: v.detach().float().cpu().clone() for k, v in e.items()}
                                   for n, e in layers.items()} for t, layers in state["transfer"].items()}
+        self.peak_training_extra_bytes = int(state["peak_training_extra_bytes"])
         for key, value in state["hyperparameters"].items():
             setattr(self, key, list(value) if key == "apertures" else value)
         self._device_transfer, self._projections = {}, {}
@@ -578,7 +601,11 @@ class CODEPlugin(SubspacePlugin):
         return sum(m.numel() * m.element_size() for m in self._scales.values())
 
     def memory_stats(self, model: Optional[nn.Module] = None) -> dict[str, int]:
+        """Persistent bytes; training extra: the current task's, else the largest over the
+        tasks trained (the runner reads it between tasks); and the persistent split."""
         stats = super().memory_stats(model)
+        stats["training_extra_bytes"] = max(stats["training_extra_bytes"],
+                                            self.peak_training_extra_bytes)
         stats["conceptor_bytes"] = sum(t.numel() * t.element_size() for e in self.conceptors.values()
                                        for t in e.values())
         stats["transfer_bytes"] = stats["persistent_bytes"] - stats["conceptor_bytes"]
