@@ -90,6 +90,8 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--calibration-batches", type=int, default=d.lance_calibration_batches,
                    help=f"lance calibration batches (default {d.lance_calibration_batches}; asi uses 1)")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="test accuracy every k epochs and after the last (default 1)")
     p.add_argument("--seeds", default="233", help="seeds: '0', '0,1,2' or '0-2' (default 233)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="use this many training images (a fixed shuffle; default all)")
@@ -133,7 +135,8 @@ def cmd_finetune(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, clip_norm=args.clip_norm or None,
             image_size=args.image_size, flip=not args.no_flip,
-            lance_calibration_batches=args.calibration_batches, seeds=tuple(seeds),
+            lance_calibration_batches=args.calibration_batches, eval_every=args.eval_every,
+            seeds=tuple(seeds),
             train_limit=args.train_limit, test_limit=args.test_limit, device=args.device,
             threads=args.threads)
         from .results import render_table

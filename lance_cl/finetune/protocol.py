@@ -59,6 +59,7 @@ class FinetuneConfig:
     flip: bool = True                    # random horizontal flips (the same for every method)
     lance_calibration_batches: int = 100
     asi_calibration_batches: int = 1
+    eval_every: int = 1                  # test accuracy every k epochs (and after the last)
     seeds: tuple[int, ...] = (233,)
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
@@ -77,6 +78,7 @@ class FinetuneConfig:
                 raise ValueError(f"{what} given for {wrong}: only {', '.join(allowed)} take {what}")
         for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size),
                             ("image_size", self.image_size), ("radius", self.radius),
+                            ("eval_every", self.eval_every),
                             ("lance_calibration_batches", self.lance_calibration_batches),
                             ("asi_calibration_batches", self.asi_calibration_batches)):
             if int(value) < 1:
@@ -97,9 +99,9 @@ class FinetuneConfig:
 ASI_PROTOCOL = FinetuneConfig()
 
 OFFLINE_PROTOCOL = FinetuneConfig(
-    model="mobilenet_blocks", dataset="cifar10-dev-last5", epochs=5, batch_size=64, lr=0.05,
-    image_size=32, lance_calibration_batches=8, seeds=(0, 1, 2), train_limit=4000,
-    test_limit=2000, threads=1, eps={"lance": 0.7, "asi": 0.8, "hosvd": 0.8})
+    model="mobilenet_blocks", dataset="cifar10-dev-last5", batch_size=64, lr=0.05,
+    image_size=32, lance_calibration_batches=8, seeds=(0, 1, 2), train_limit=2000,
+    test_limit=2000, threads=1, eval_every=4, epochs=4, eps={"lance": 0.7, "asi": 0.8, "hosvd": 0.8})
 
 
 def method_options(config: FinetuneConfig, method: str) -> dict[str, Any]:
