@@ -209,6 +209,7 @@ class TRGPPlugin(GPMPlugin):
         self._snapshots: dict[int, tuple[tuple[float, ...], dict[str, list[Tensor]]]] = {}
         self._epoch = 0
         self._added: dict[str, int] = {}
+        self._last_live_bytes = 0        # live Qs and their gradients of the last trained task
         self._device_scales: dict[tuple[int, str], tuple[list[Tensor], list[Tensor]]] = {}
         self._call_labels: list[Optional[TaskLabels]] = []      # labels given to the model
         self._batch_labels: Optional[TaskLabels] = None          # the strategy's mini-batch
@@ -437,6 +438,7 @@ class TRGPPlugin(GPMPlugin):
             entry.update(basis_added=added, task_basis=self.task_bases[name][-1].shape[1],
                          scaled=[self.task_labels[j] for j in self.selected[label].get(name, [])])
         self._drop_q_group(strategy.optimizer)
+        self._last_live_bytes = self._live_bytes()
         self.task_labels.append(label)
         self._live, self._live_label, self._snapshots, self._added = {}, None, {}, {}
 
@@ -461,7 +463,7 @@ class TRGPPlugin(GPMPlugin):
             scales={t: {n: [q.clone() for q in qs] for n, qs in per.items()}
                     for t, per in self.scales.items()},
             trust_threshold=self.trust_threshold, top_k=self.top_k,
-            selection_samples=self.selection_samples)
+            selection_samples=self.selection_samples, last_live_bytes=self._last_live_bytes)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -476,6 +478,7 @@ class TRGPPlugin(GPMPlugin):
         self.trust_threshold = float(state["trust_threshold"])
         self.top_k = int(state["top_k"])
         self.selection_samples = int(state["selection_samples"])
+        self._last_live_bytes = int(state.get("last_live_bytes", 0))
         self._live, self._live_label, self._snapshots, self._device_scales = {}, None, {}, {}
 
     def restore_model_state(self, model: nn.Module) -> None:
@@ -492,10 +495,15 @@ class TRGPPlugin(GPMPlugin):
                 + sum(nbytes(b) for bs in self.task_bases.values() for b in bs)
                 + sum(nbytes(q) for per in self.scales.values() for qs in per.values() for q in qs))
 
+    def _live_bytes(self) -> int:
+        return 2 * sum(q.numel() * q.element_size() for _, qs in self._live.values() for q in qs)
+
     def training_extra_bytes(self) -> int:
-        """GPM's d x d projections plus the live Qs of the training task and their gradients."""
-        live = sum(q.numel() * q.element_size() for _, qs in self._live.values() for q in qs)
-        return super().training_extra_bytes() + 2 * live
+        """GPM's d x d projections of the current bases plus the live Qs and their gradients:
+        those of the training task, or between tasks those the last task trained with (the
+        next task's are chosen when it starts)."""
+        live = self._live_bytes() if self._live_label is not None else self._last_live_bytes
+        return super().training_extra_bytes() + live
 
 
 def recipe_plugins(defaults: dict) -> list:
