@@ -308,6 +308,45 @@ def test_after_backward_projects_conv_and_linear_gradients():
                                    g - g @ c.numpy(), atol=1e-12)
 
 
+# -- the transfer forward ----------------------------------------------------------------------
+def test_stored_transfer_gives_the_official_effective_weight_and_its_gradient():
+    """Task 1 computes with W + W U M U^T - sg(W) U U^T on conv and Linear layers: outputs and
+    weight gradients equal plain autograd through that weight (float64); task 0 is plain."""
+    torch.manual_seed(2)
+    model = ConvBody().double()
+    plugin = CODEPlugin(num_free_dim=2)
+    g = torch.Generator().manual_seed(3)
+    for name, d in (("conv", 18), ("fc", 36)):
+        u = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))[0]
+        plugin.transfer.setdefault(1, {})[name] = {"basis": u, "scale": torch.randn(2, 2, generator=g,
+                                                                                 dtype=torch.float64)}
+    plugin.attach(model)
+    x = torch.randn(5, 2, 6, 6, generator=g, dtype=torch.float64)
+    out = model(x, 1)
+    out.pow(2).sum().backward()
+
+    weights = {n: model.get_submodule(n).weight.detach().clone().requires_grad_() for n in ("conv", "fc")}
+
+    def effective(name):
+        w = weights[name].view(weights[name].shape[0], -1)
+        u, m = plugin.transfer[1][name]["basis"], plugin.transfer[1][name]["scale"]
+        w_eff = w + w @ u @ m @ u.t() - w.detach() @ u @ u.t()
+        return w_eff.view_as(weights[name])
+    h = torch.relu(nn.functional.conv2d(x, effective("conv"), None, 2, 1))
+    h = torch.relu(nn.functional.linear(h.flatten(1), effective("fc"), model.fc.bias.detach()))
+    reference = model.heads[1](h)
+    reference.pow(2).sum().backward()
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    for name in ("conv", "fc"):
+        torch.testing.assert_close(model.get_submodule(name).weight.grad, weights[name].grad,
+                                   rtol=1e-10, atol=1e-12)
+    plugin.detach()
+    plain = model(x, 0)
+    plugin.attach(model)
+    torch.testing.assert_close(model(x, 0), plain, rtol=0, atol=0)
+    assert (model(x, 1) - model.heads[1](model.features(x))).abs().max() > 1e-3
+
+
 # -- the guarantee -----------------------------------------------------------------------------
 @pytest.mark.parametrize("order", ["codecl_first", "schedule_first"])
 def test_old_outputs_survive_a_new_task_when_best_weights_are_restored(order):
