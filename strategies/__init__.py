@@ -21,7 +21,8 @@ from avalanche.training.plugins import AGEMPlugin, EvaluationPlugin, EWCPlugin, 
 from torch import nn
 
 from ..cl.plugins import codecl, trgp
-from ..cl.plugins import GPMPlugin, LanceCLPlugin, ResumableAGEMPlugin, SGPPlugin, SubspacePlugin
+from ..cl.plugins import GPMPlugin, LanceCLPlugin, ResumableAGEMPlugin, SGPPlugin
+from ..cl.sizes import dataset_bytes, parameter_bytes, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -160,23 +161,61 @@ def build_strategy(name: str, model: nn.Module, spec: Any, *, device: str = "cpu
         plugins=recipe.plugins(defaults) + list(extra_plugins), evaluator=quiet_evaluator())
 
 
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor reachable through dicts/lists/ParamData-like objects."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    if hasattr(obj, "data") and isinstance(getattr(obj, "data"), torch.Tensor):
-        return _tensor_bytes(obj.data)
-    return 0
-
-
 def head_bytes(model: nn.Module) -> int:
     """Bytes of task-specific head parameters (kept by every method)."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                if n.startswith("heads") or ".heads." in n)
+
+
+# -- what each method keeps: plugins report it themselves, Avalanche's through an adapter ----------
+#
+# A plugin (or strategy template) reports what a run records by defining any of
+#   memory_figures(strategy) -> {"persistent_bytes": int, "training_extra_bytes": int}
+#   task_diagnostics(task) -> dict (per layer, what the method decided for that task)
+#   state_dict() -> dict and load_run_state(state, strategy, past_datasets)
+#       (or load_state_dict(state) when resuming needs nothing else)
+# as the subspace plugins and ResumableAGEMPlugin do. Avalanche's plugins and templates keep
+# their state in plain attributes; the adapters below say, for those, what they hold.
+
+
+@dataclass(frozen=True)
+class StateAdapter:
+    """What an Avalanche object of one type keeps: ``persistent_bytes(obj)``, the attributes a
+    resume restores, and ``restore(obj, past_datasets)`` for state rebuilt from the finished
+    tasks' training datasets instead of being saved."""
+
+    persistent_bytes: Callable[[Any], int]
+    attributes: tuple[str, ...] = ()
+    restore: Optional[Callable[[Any, Sequence[Any]], None]] = None
+
+
+def _lwf_bytes(plugin: LwFPlugin) -> int:
+    previous = getattr(plugin.lwf, "prev_model", None)
+    return 0 if previous is None else parameter_bytes(previous)
+
+
+def _restore_cumulative(strategy: Cumulative, past_datasets: Sequence[Any]) -> None:
+    strategy.dataset = _concat(past_datasets)
+
+
+AVALANCHE_ADAPTERS: dict[type, StateAdapter] = {
+    EWCPlugin: StateAdapter(lambda p: tensor_bytes(p.saved_params) + tensor_bytes(p.importances),
+                            attributes=("saved_params", "importances")),
+    LwFPlugin: StateAdapter(_lwf_bytes, attributes=("lwf",)),
+    AGEMPlugin: StateAdapter(lambda p: sum(dataset_bytes(b) for b in getattr(p, "buffers", []))),
+    Cumulative: StateAdapter(lambda s: 0 if getattr(s, "dataset", None) is None else dataset_bytes(s.dataset),
+                             restore=_restore_cumulative),
+}
+
+
+def _adapter(obj: Any) -> Optional[StateAdapter]:
+    return next((AVALANCHE_ADAPTERS[t] for t in type(obj).__mro__ if t in AVALANCHE_ADAPTERS), None)
+
+
+def _parts(strategy) -> list[tuple[str, Any]]:
+    """The strategy template and its plugins, each with its key in :func:`strategy_state`."""
+    return [("strategy", strategy)] + [(f"{i}:{type(p).__name__}", p)
+                                       for i, p in enumerate(strategy.plugins)]
 
 
 def memory_figures(strategy) -> dict[str, int]:
@@ -187,64 +226,41 @@ def memory_figures(strategy) -> dict[str, int]:
     episodic memory for A-GEM; the data of earlier tasks for joint training). Training extra:
     what only the training loop holds (GPM/SGP: d x d projections; LANCE: its fixed factors).
     """
-    persistent = head_bytes(strategy.model)
-    extra = 0
-    for plugin in strategy.plugins:
-        if isinstance(plugin, SubspacePlugin):
-            stats = plugin.memory_stats(strategy.model)
-            persistent += stats["persistent_bytes"]
-            extra += stats["training_extra_bytes"]
-        elif isinstance(plugin, EWCPlugin):
-            persistent += _tensor_bytes(plugin.saved_params) + _tensor_bytes(plugin.importances)
-        elif isinstance(plugin, LwFPlugin):
-            prev = getattr(plugin.lwf, "prev_model", None)
-            persistent += 0 if prev is None else sum(p.numel() * p.element_size()
-                                                     for p in prev.parameters())
-        elif isinstance(plugin, AGEMPlugin):
-            persistent += sum(_dataset_bytes(b) for b in getattr(plugin, "buffers", []))
-    if isinstance(strategy, Cumulative) and getattr(strategy, "dataset", None) is not None:
-        persistent += _dataset_bytes(strategy.dataset)
+    persistent, extra = head_bytes(strategy.model), 0
+    for _, part in _parts(strategy):
+        own = getattr(part, "memory_figures", None)
+        if callable(own):
+            figures = own(strategy)
+            persistent += figures["persistent_bytes"]
+            extra += figures["training_extra_bytes"]
+        elif (adapter := _adapter(part)) is not None:
+            persistent += adapter.persistent_bytes(part)
     return {"persistent_bytes": int(persistent), "training_extra_bytes": int(extra)}
 
 
 def task_diagnostics(strategy, task: int) -> dict[str, Any]:
-    """Per protected layer, what a subspace plugin decided for ``task``: training rank, ranks per
-    mode, energy already covered by the protected basis, basis growth, frozen, storage form."""
-    for plugin in strategy.plugins:
-        if isinstance(plugin, SubspacePlugin):
-            for entry in plugin.layer_log:
-                if entry["task"] == task:
-                    return copy.deepcopy(entry["layers"])
+    """Per protected layer, what the strategy's method decided for ``task`` (training rank, ranks
+    per mode, energy already covered by the protected basis, basis growth, frozen, storage form):
+    the first plugin's non-empty ``task_diagnostics(task)``, else {}."""
+    for _, part in _parts(strategy):
+        own = getattr(part, "task_diagnostics", None)
+        if callable(own) and (found := own(task)):
+            return found
     return {}
 
 
-def _dataset_bytes(dataset) -> int:
-    """Bytes of the input tensors of a dataset (number of samples x bytes of one sample)."""
-    n = len(dataset)
-    if n == 0:
-        return 0
-    sample = dataset[0][0]
-    return n * _tensor_bytes(sample)
-
-
-# Avalanche plugins keep their state in plain attributes; these are the ones a resume needs.
-_AVALANCHE_PLUGIN_STATE = {EWCPlugin: ("saved_params", "importances"),
-                           LwFPlugin: ("lwf",)}
-
-
 def strategy_state(strategy) -> dict[str, Any]:
-    """Checkpointable state of the strategy's plugins: ``state_dict()`` where a plugin has one,
-    the known state attributes of Avalanche's EWC and LwF plugins otherwise. (A-GEM's memory and
-    joint training's data are stored as references to the task datasets: see
-    :func:`load_strategy_state`.)"""
-    state = {}
-    for i, plugin in enumerate(strategy.plugins):
-        key = f"{i}:{type(plugin).__name__}"
-        if hasattr(plugin, "state_dict") and hasattr(plugin, "load_state_dict"):
-            state[key] = plugin.state_dict()
-        elif type(plugin) in _AVALANCHE_PLUGIN_STATE:
-            state[key] = {a: copy.deepcopy(getattr(plugin, a))
-                          for a in _AVALANCHE_PLUGIN_STATE[type(plugin)]}
+    """Checkpointable state of the strategy and its plugins: ``state_dict()`` where a plugin has
+    one (and a way to load it), the adapter's attributes for Avalanche's plugins. State that is
+    rebuilt from the task datasets (A-GEM's memory, joint training's data) is stored as
+    references to them: see :func:`load_strategy_state`."""
+    state: dict[str, Any] = {}
+    for key, part in _parts(strategy):
+        if callable(getattr(part, "state_dict", None)) and (
+                hasattr(part, "load_run_state") or hasattr(part, "load_state_dict")):
+            state[key] = part.state_dict()
+        elif (adapter := _adapter(part)) is not None:
+            state[key] = {a: copy.deepcopy(getattr(part, a)) for a in adapter.attributes}
     return state
 
 
@@ -254,21 +270,18 @@ def load_strategy_state(strategy, state: dict[str, Any], past_datasets: Sequence
     ``past_datasets``: the training datasets of the tasks finished before the checkpoint, in
     task order (``[exp.dataset for exp in train_stream[:k]]``). A-GEM rebuilds its episodic
     memory from them and joint training (Avalanche's ``Cumulative``) its accumulated data."""
-    for i, plugin in enumerate(strategy.plugins):
-        key = f"{i}:{type(plugin).__name__}"
-        if key not in state:
-            continue
-        if isinstance(plugin, ResumableAGEMPlugin):
-            plugin.load_state_dict(state[key], past_datasets)
-        elif hasattr(plugin, "load_state_dict"):
-            plugin.load_state_dict(state[key])
-            if hasattr(plugin, "restore_model_state"):
-                plugin.restore_model_state(strategy.model)
-        else:
-            for attr, value in state[key].items():
-                setattr(plugin, attr, value)
-    if isinstance(strategy, Cumulative):
-        strategy.dataset = _concat(past_datasets)
+    for key, part in _parts(strategy):
+        if callable(getattr(part, "load_run_state", None)):
+            if key in state:
+                part.load_run_state(state[key], strategy, past_datasets)
+        elif callable(getattr(part, "load_state_dict", None)):
+            if key in state:
+                part.load_state_dict(state[key])
+        elif (adapter := _adapter(part)) is not None:
+            for attr, value in state.get(key, {}).items():
+                setattr(part, attr, value)
+            if adapter.restore is not None:   # rebuilt from the datasets, saved or not
+                adapter.restore(part, past_datasets)
 
 
 def _concat(datasets: Sequence[Any]) -> Any:
@@ -280,4 +293,4 @@ def _concat(datasets: Sequence[Any]) -> Any:
 
 __all__ = ["RECIPES", "Recipe", "build_strategy", "parse_strategy", "with_compaction",
            "compaction_options", "COMPACT_SUFFIX", "PLAIN_SUFFIX", "memory_figures", "task_diagnostics", "strategy_state",
-           "load_strategy_state", "quiet_evaluator", "head_bytes"]
+           "load_strategy_state", "quiet_evaluator", "head_bytes", "AVALANCHE_ADAPTERS", "StateAdapter"]

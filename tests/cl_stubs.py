@@ -1,16 +1,17 @@
-"""Test-only stand-ins for ``lance_cl.strategies`` (naive fine-tuning), installed with monkeypatch."""
+"""Test-only recipes registered in ``lance_cl.strategies.RECIPES`` with monkeypatch: the real
+naive recipe (real ``build_strategy``, memory figures and state) plus a plugin that counts the
+tasks trained and can simulate a crash."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-import torch
-from torch import nn
 
 
 class Calls:
-    """What the stub saw: number of ``train`` calls, and an experience index to fail at."""
+    """What the watcher saw: number of tasks started, an experience index to fail at, and how
+    many strategies were built."""
 
     def __init__(self) -> None:
         self.train_calls = 0
@@ -18,44 +19,27 @@ class Calls:
         self.built = 0
 
 
-def install(monkeypatch: pytest.MonkeyPatch) -> Calls:
-    """Patch build_strategy / memory_figures / strategy_state / load_strategy_state."""
-    import lance_cl.strategies as S
+def install(monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...] = ("naive", "naive2")) -> Calls:
+    """Register each of ``names`` as naive fine-tuning watched by a counting, crashing plugin
+    (replacing the real "naive" for the test); returns the shared :class:`Calls`."""
     from avalanche.core import SupervisedPlugin
-    from avalanche.training import Naive
+
+    import lance_cl.strategies as S
 
     calls = Calls()
+    naive = S.RECIPES["naive"]
 
-    class Boom(SupervisedPlugin):
-        def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+    class Watcher(SupervisedPlugin):
+        def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             calls.train_calls += 1
             if calls.fail_at is not None and strategy.experience.current_experience == calls.fail_at:
                 raise RuntimeError(f"simulated crash in task {calls.fail_at}")
 
-    def build_strategy(name: str, model: nn.Module, spec: Any, *, device: str, epochs: int,
-                       extra_plugins: list, evaluator: Any = None) -> Any:
-        assert name in ("naive", "naive2")
+    def plugins(defaults: dict) -> list:
         calls.built += 1
-        d = spec.defaults
-        return Naive(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=d["lr"]),
-            criterion=nn.CrossEntropyLoss(), train_mb_size=d["batch_size"], train_epochs=epochs,
-            eval_mb_size=d["eval_batch_size"], device=device,
-            plugins=[Boom(), *extra_plugins], evaluator=evaluator,
-        )
+        return [*naive.plugins(defaults), Watcher()]
 
-    def memory_figures(strategy: Any) -> dict[str, int]:
-        heads = sum(p.numel() * p.element_size() for p in strategy.model.heads.parameters())
-        return {"persistent_bytes": int(heads), "training_extra_bytes": 0}
-
-    def parse_strategy(name: str) -> tuple[Any, bool]:
-        if name not in ("naive", "naive2"):
-            raise ValueError(f"unknown strategy {name!r}; choose from naive, naive2")
-        return name, False
-
-    monkeypatch.setattr(S, "build_strategy", build_strategy, raising=False)
-    monkeypatch.setattr(S, "parse_strategy", parse_strategy, raising=False)
-    monkeypatch.setattr(S, "memory_figures", memory_figures, raising=False)
-    monkeypatch.setattr(S, "strategy_state", lambda strategy: {"stub": 1}, raising=False)
-    monkeypatch.setattr(S, "load_strategy_state", lambda strategy, state, past_datasets=(): None, raising=False)
+    for name in names:
+        monkeypatch.setitem(S.RECIPES, name, S.Recipe(name, "naive fine-tuning, watched", plugins,
+                                                      template=naive.template))
     return calls

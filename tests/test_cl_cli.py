@@ -1,4 +1,5 @@
-"""`lance-cl run` / `lance-cl report` handlers end to end on a tiny run (strategy stubbed)."""
+"""`lance-cl run` / `lance-cl report` end to end through the console entry point on tiny runs
+(the real naive recipe, watched by a counting plugin: tests/cl_stubs.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lance_cl.cl.commands import add_report_parser, add_run_parser, main, parse_seeds
+from lance_cl.cl.commands import add_report_parser, add_run_parser, parse_seeds
+from lance_cl.cli import main
 
 from cl_stubs import install
 
@@ -30,17 +32,30 @@ def test_parse_seeds() -> None:
         parse_seeds("a")
 
 
-def test_parsers_defaults() -> None:
+def test_the_run_parser_defaults_name_things_that_exist() -> None:
+    from lance_cl import strategies
+    from lance_cl.benchmarks import get_benchmark
+
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     add_run_parser(sub)
     add_report_parser(sub)
     args = parser.parse_args(["run"])
-    assert (args.benchmark, args.strategies, args.seeds, args.out) == (
-        "split_digits", ["lance", "gpm", "sgp", "naive"], [0], "runs")
-    assert args.epochs is None and args.device == "cpu" and not args.quick and not args.no_resume
+    for name in args.strategies:
+        strategies.parse_strategy(name)   # raises for an unknown recipe
+    spec = get_benchmark(args.benchmark, quick=True)   # split_digits: bundled with scikit-learn
+    assert len(spec.train_stream) >= 2 and args.seeds and callable(args.handler)
     args = parser.parse_args(["report", "somewhere", "--out", "x"])
     assert (args.dir, args.out) == ("somewhere", "x") and callable(args.handler)
+
+
+def test_an_unknown_strategy_fails_before_anything_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    calls = install(monkeypatch)
+    out = tmp_path / "runs"
+    assert main(["run", "--strategies", "naive,foo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    assert "unknown strategy 'foo'" in capsys.readouterr().err
+    assert calls.built == 0 and calls.train_calls == 0 and not out.exists()
 
 
 def test_run_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -15,7 +15,6 @@ from cl_stubs import install
 KW = dict(epochs=2, quick=True, progress=False)
 
 
-
 def test_uninterrupted_vs_crashed_and_resumed_identical(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     calls = install(monkeypatch)
     full = run_experiment("split_digits", "naive", 0, out_dir=tmp_path / "a", **KW)
@@ -37,7 +36,7 @@ def test_uninterrupted_vs_crashed_and_resumed_identical(tmp_path, monkeypatch) -
         assert m["activation_layers_bytes"] == 4 * 16 * (64 + 128 + 64)
         assert m["activation_batch_size"] == 16
         assert m["activation_total_bytes"] > m["activation_layers_bytes"]
-        assert m["persistent_bytes"] == 5 * 2 * 32 * 4  # the stub counts the 5 heads
+        assert m["persistent_bytes"] == 5 * 2 * 32 * 4  # naive keeps its 5 heads (2 x 32) only
         # peak of the step: everything saved coexists at the end of the forward (less the batch,
         # x 16x1x8x8 float32 and y 16 int64, alive before the step), every gradient at the end of
         # backward: conv1 8x1x3x3, bn1 2x8, conv2 16x8x3x3, bn2 2x16, fc1 32x64, bn3 2x32, head
@@ -86,6 +85,19 @@ def test_max_tasks_then_resume(tmp_path, monkeypatch) -> None:  # type: ignore[n
     run_experiment("split_digits", "naive", 1, out_dir=tmp_path, epochs=1, quick=True, progress=False,
                    max_tasks=1)
     assert calls.train_calls == 1
+
+
+def test_a_checkpoint_of_another_model_is_refused_strictly(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    install(monkeypatch)
+    run_experiment("split_digits", "naive", 0, out_dir=tmp_path, max_tasks=2, **KW)
+    ckpt_file = checkpoint_path(tmp_path, "split_digits", "naive", 0)
+    ckpt = torch.load(ckpt_file, weights_only=False)
+    ckpt["model"]["fc9.weight"] = torch.zeros(1)
+    torch.save(ckpt, ckpt_file)
+    with pytest.raises(RuntimeError, match="Unexpected key.*fc9.weight"):
+        run_experiment("split_digits", "naive", 0, out_dir=tmp_path, **KW)
+    failed = json.loads(result_path(tmp_path, "split_digits", "naive", 0).read_text())
+    assert failed["status"] == "failed" and failed["completed_tasks"] == 2   # finished tasks kept
 
 
 def test_a_diverged_task_is_a_failure_with_a_clear_message():

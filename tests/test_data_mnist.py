@@ -12,7 +12,8 @@ import torch
 
 from lance_cl.data import DatasetNotFoundError, default_data_root, load_mnist_like, read_idx, to_32x32x3
 
-SHARED_FASHION = Path("/work/shared/data/FashionMNIST/raw/t10k-images-idx3-ubyte.gz")
+# the real test split where the data root is ($LANCE_CL_DATA, else the checkout's ../shared/data)
+SHARED_FASHION = default_data_root() / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -160,7 +161,7 @@ def test_default_data_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert isinstance(default_data_root(), Path)
 
 
-@pytest.mark.skipif(not SHARED_FASHION.is_file(), reason="shared Fashion-MNIST copy not present")
+@pytest.mark.skipif(not SHARED_FASHION.is_file(), reason="no Fashion-MNIST under the data root: set LANCE_CL_DATA")
 def test_real_fashion_mnist_test_split() -> None:
     x, y = load_mnist_like("fashion_mnist", SHARED_FASHION.parents[2], train=False)
     assert x.shape == (10000, 28, 28) and x.dtype == torch.uint8

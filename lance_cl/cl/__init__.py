@@ -1,24 +1,24 @@
-"""Continual learning: the GPM protocol as Avalanche pieces, metrics, the runner and reports."""
+"""Continual learning: the GPM protocol as Avalanche pieces, metrics, the runner and reports.
 
-from .metrics import average_accuracy, backward_transfer, forgetting, learning_accuracy, summary
-from .protocol import GPMSchedulePlugin, evaluate_accuracy, split_validation, with_validation
-from .report import aggregate, load_runs, markdown_table, write_report
-from .runner import ActivationMemoryProbe, run_experiment
+The names below load their module on first use, so importing a submodule that needs no
+Avalanche (``lance_cl.cl.commands``, ``lance_cl.cl.metrics``) does not import it."""
 
-__all__ = [
-    "ActivationMemoryProbe",
-    "GPMSchedulePlugin",
-    "aggregate",
-    "average_accuracy",
-    "backward_transfer",
-    "evaluate_accuracy",
-    "forgetting",
-    "learning_accuracy",
-    "load_runs",
-    "markdown_table",
-    "run_experiment",
-    "split_validation",
-    "summary",
-    "with_validation",
-    "write_report",
-]
+from importlib import import_module
+from typing import Any
+
+_SOURCES = {
+    "average_accuracy": "metrics", "backward_transfer": "metrics", "forgetting": "metrics",
+    "learning_accuracy": "metrics", "summary": "metrics",
+    "GPMSchedulePlugin": "protocol", "evaluate_accuracy": "protocol",
+    "split_validation": "protocol", "with_validation": "protocol",
+    "aggregate": "report", "load_runs": "report", "markdown_table": "report", "write_report": "report",
+    "ActivationMemoryProbe": "runner", "run_experiment": "runner",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SOURCES:
+        return getattr(import_module(f".{_SOURCES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

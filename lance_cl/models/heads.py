@@ -1,12 +1,20 @@
-"""Multi-head (task-incremental) output routing shared by the CL backbones."""
+"""Multi-head (task-incremental) output routing shared by the CL backbones.
+
+The backbones are Avalanche ``MultiTaskModule`` instances, but importing this module does not
+import Avalanche (a few hundred modules): :class:`MultiHeadModule` is a plain ``nn.Module``
+class, and building a model makes it an instance of a subclass that also derives from
+``MultiTaskModule`` (one per backbone class, created on first use), so Avalanche loads only
+when a multi-task model is built.
+"""
 
 from __future__ import annotations
 
+import copyreg
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any, Optional, Union
 
 import torch
-from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 
 __all__ = ["MultiHeadModule", "normalise_n_classes"]
@@ -29,10 +37,27 @@ def normalise_n_classes(n_tasks: int, n_classes: int | Sequence[int]) -> list[in
     return counts
 
 
-class MultiHeadModule(MultiTaskModule):
+@lru_cache(maxsize=None)
+def _multi_task_class(cls: type) -> type:
+    """``cls`` with Avalanche's ``MultiTaskModule`` added as the last base (same name, module and
+    methods; ``cls``'s methods come first in the MRO, as if ``MultiHeadModule`` derived from it)."""
+    from avalanche.models import MultiTaskModule
+
+    return type(cls.__name__, (cls, MultiTaskModule),
+                {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                 "_declared_class": cls})
+
+
+def _new_multi_head(cls: type) -> "MultiHeadModule":
+    """Unpickling helper: an empty instance of ``cls``'s multi-task class."""
+    return object.__new__(_multi_task_class(cls))
+
+
+class MultiHeadModule(nn.Module):
     """Base class: ``features(x) -> (B, D)`` followed by one bias-free linear head per task.
 
-    An Avalanche :class:`~avalanche.models.MultiTaskModule`, so strategies (through
+    Every instance is an Avalanche :class:`~avalanche.models.MultiTaskModule` (see the module
+    docstring; ``isinstance(model, SmallCNN)`` holds as usual), so strategies (through
     ``avalanche_forward``) call ``model(x, task_labels)``. ``task_labels`` is either one task
     id for the whole batch (int or one-element tensor) or a tensor of per-sample ids of shape
     (B,). Unlike Avalanche's default routing, the features are always computed on the *whole*
@@ -50,6 +75,18 @@ class MultiHeadModule(MultiTaskModule):
     heads: nn.ModuleList
     pad_value: float = -1e4
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "MultiHeadModule":
+        declared = cls.__dict__.get("_declared_class", cls)
+        return object.__new__(_multi_task_class(declared) if declared is cls else cls)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # pickle names a class by module and qualname, which lead to the declared class: rebuild
+        # the multi-task instance through _new_multi_head, keeping the rest of the default reduce
+        reduced = super().__reduce_ex__(protocol)
+        if isinstance(reduced, tuple) and reduced[0] is copyreg.__newobj__ and len(reduced[1]) == 1:
+            return (_new_multi_head, (type(self)._declared_class,)) + reduced[2:]
+        return reduced
+
     def _make_heads(self, in_features: int, n_tasks: int, n_classes: int | Sequence[int]) -> None:
         self.n_classes = normalise_n_classes(n_tasks, n_classes)
         self.n_tasks = n_tasks
@@ -62,19 +99,12 @@ class MultiHeadModule(MultiTaskModule):
         "stem" where the model defines ``stem(x)``, the block that reads the input batch."""
         return ("stem",) if callable(getattr(self, "stem", None)) else ()
 
-    def segment_modules(self, name: str) -> Optional[tuple[nn.Module, ...]]:
-        """The modules segment ``name`` applies in order, when the model declares them in
-        ``segment_chains`` (then ``fn(x)`` is their composition): a conv, a BatchNorm and
-        per-sample ops are recomputed one batch chunk at a time."""
-        names = getattr(self, "segment_chains", {}).get(name)
-        return None if names is None else tuple(getattr(self, n) for n in names)
-
     def run_segment(self, name: str, fn, x: Tensor) -> Tensor:
         """``fn(x)``, recomputed in backward when ``name`` is in ``self.recomputed_segments``."""
         if name in getattr(self, "recomputed_segments", ()):
             from ..core.compact import recompute_segment
 
-            return recompute_segment(fn, x, self, modules=self.segment_modules(name))
+            return recompute_segment(fn, x, self)
         return fn(x)
 
     def features(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract

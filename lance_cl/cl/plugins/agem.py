@@ -16,6 +16,8 @@ from typing import Any
 
 from avalanche.training.plugins import AGEMPlugin
 
+from ..sizes import dataset_bytes
+
 __all__ = ["ResumableAGEMPlugin"]
 
 
@@ -59,3 +61,12 @@ class ResumableAGEMPlugin(AGEMPlugin):
             # each subset is no larger than patterns_per_experience: Avalanche keeps it whole
             AGEMPlugin.update_memory(self, dataset.subset(ix))
         self.memory_indices = indices
+
+    def load_run_state(self, state: dict[str, Any], strategy: Any, past_datasets: Sequence[Any] = ()) -> None:
+        """Resume: :meth:`load_state_dict` with the finished tasks' training datasets."""
+        self.load_state_dict(state, past_datasets)
+
+    def memory_figures(self, strategy: Any) -> dict[str, int]:
+        """The episodic memory's input bytes (persistent); nothing extra while training."""
+        return {"persistent_bytes": sum(dataset_bytes(b) for b in self.buffers),
+                "training_extra_bytes": 0}

@@ -7,6 +7,7 @@ task heads are never touched.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Sequence
 
 import torch
@@ -196,3 +197,22 @@ class SubspacePlugin(SupervisedPlugin):
     def memory_stats(self, model: Optional[nn.Module] = None) -> dict[str, int]:
         return {"persistent_bytes": self.persistent_bytes(),
                 "training_extra_bytes": self.training_extra_bytes()}
+
+    # -- what a run records (lance_cl.strategies: memory_figures, task_diagnostics, state) ------
+    def memory_figures(self, strategy) -> dict[str, int]:
+        """Persistent and training-extra bytes of this plugin (:meth:`memory_stats`)."""
+        return self.memory_stats(strategy.model)
+
+    def task_diagnostics(self, task: int) -> dict[str, Any]:
+        """Per protected layer, what was decided for ``task`` (a copy of its layer-log entry:
+        ranks, energy covered by the protected basis, basis growth, frozen, storage); {} for a
+        task not finished yet."""
+        for entry in self.layer_log:
+            if entry["task"] == task:
+                return copy.deepcopy(entry["layers"])
+        return {}
+
+    def load_run_state(self, state: dict[str, Any], strategy, past_datasets: Sequence[Any] = ()) -> None:
+        """Resume from :meth:`state_dict` and re-apply its effects on ``strategy.model``."""
+        self.load_state_dict(state)
+        self.restore_model_state(strategy.model)
