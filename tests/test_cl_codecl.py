@@ -463,6 +463,24 @@ def test_state_dict_round_trip_resumes_exactly():
     assert resumed.layer_log == plugin.layer_log and resumed.tasks_trained == 3
 
 
+def test_experiences_in_one_train_call_match_one_call_each():
+    bm, _, model, plugin, strategy = _transfer_run()
+    strategy.train(bm.train_stream[1])
+    strategy.train(bm.train_stream[2])
+    bm, _, model_b, together, strategy_b = _transfer_run()
+    # _transfer_run trained task 0; tasks 1 and 2 now in one call (task 1 finishes in
+    # before_training_exp of task 2, after Avalanche has updated the optimizer)
+    strategy_b.train([bm.train_stream[1], bm.train_stream[2]])
+    assert together.layer_log == plugin.layer_log and set(together.transfer) == {1, 2}
+    for t, layers in plugin.transfer.items():
+        for name, entry in layers.items():
+            for k, v in entry.items():
+                assert torch.equal(v, together.transfer[t][name][k]), (t, name, k)
+    for (n, p), (_, q) in zip(model.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert len(strategy_b.optimizer.param_groups) == 1
+
+
 def test_state_dict_refuses_a_training_task():
     bm, _, _, plugin, strategy = _transfer_run(epochs=1)
     seen = {}
