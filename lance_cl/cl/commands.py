@@ -2,7 +2,8 @@
 
 Wire them into a parser with ``add_run_parser(subparsers)`` / ``add_report_parser(subparsers)``;
 each sets ``handler=fn`` with ``fn(args, argv=None) -> exit status`` (the convention of
-``lance_cl.cli``). :func:`main` is a stand-alone parser with just these two commands.
+``lance_cl.cli``). Importing this module is cheap (no torch, Avalanche or Ray): the handlers import
+what they need, so ``lance-cl --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-__all__ = ["add_report_parser", "add_run_parser", "cmd_report", "cmd_run", "main", "parse_seeds"]
+__all__ = ["add_report_parser", "add_run_parser", "cmd_report", "cmd_run", "parse_seeds"]
 
 DEFAULT_STRATEGIES = "lance,gpm,sgp,naive"
 
@@ -44,6 +45,32 @@ def _strategies(text: str) -> list[str]:
     return names
 
 
+def _names(text: str) -> list[str]:
+    return [s.strip().lower().replace("-", "_") for s in text.split(",") if s.strip()]
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--jobs expects a whole number >= 1, got {text!r}")
+    return value
+
+
+def _gpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value <= 1 or (value > 1 and value == int(value))):
+        raise argparse.ArgumentTypeError(
+            f"--gpus-per-run expects a fraction in [0, 1] (e.g. 0.25: four runs per GPU) or a whole "
+            f"number of GPUs, got {text!r}")
+    return value
+
+
 def _override(text: str) -> tuple[str, Any]:
     """'train_energy=0.7' -> ('train_energy', 0.7); a value that is not JSON stays a string."""
     import json
@@ -61,15 +88,17 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``run``: every (strategy, seed) on one benchmark, then the comparison table."""
     p = subparsers.add_parser(
         "run",
-        help="continual-learning runs: every (strategy, seed) on one benchmark, then a table",
-        description="Train each strategy task after task on a benchmark (task-incremental, "
+        help="continual-learning runs: every (benchmark, strategy, seed), then a table",
+        description="Train each strategy task after task on each benchmark (task-incremental, "
                     "multi-head, GPM's protocol), test every task after each one and write one "
                     "JSON per (benchmark, strategy, seed) to --out, with checkpoints to resume. "
                     "Without arguments: split_digits (scikit-learn's bundled digits, offline) with "
-                    f"{DEFAULT_STRATEGIES}, in about a minute on 2 CPU cores.",
+                    f"{DEFAULT_STRATEGIES}, in about a minute on 2 CPU cores. --jobs N runs N at "
+                    "a time on a local Ray instance, --ray-address on a Ray cluster "
+                    "(docs/sweeps.md).",
     )
     p.add_argument("--benchmark", default="split_digits",
-                   help="benchmark name (default: split_digits)")
+                   help="benchmark name, or several comma-separated (default: split_digits)")
     p.add_argument("--strategies", type=_strategies, default=_strategies(DEFAULT_STRATEGIES),
                    help=f"comma-separated strategy names (default: {DEFAULT_STRATEGIES})")
     p.add_argument("--seeds", type=parse_seeds, default=[0],
@@ -100,6 +129,19 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "and BatchNorm (exact gradients); recipes that do not compact by default "
                         "get a '+compact' suffix (e.g. gpm+compact). The lance recipes compact by "
                         "default; 'lance+plain' turns it off.")
+    p.add_argument("--jobs", type=_jobs, default=None, metavar="N",
+                   help="runs at a time (default 1: one after another in this process). N > 1 "
+                        "starts a local Ray instance with N slots, each run with cores/N torch "
+                        "threads unless --threads (or the benchmark) sets them; with --ray-address, "
+                        "the most runs in flight on the cluster (default: no limit). Needs "
+                        'pip install "lance-cl[ray]"')
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="run on this Ray cluster (e.g. HEAD_IP:6379 from `ray start --head`, or "
+                        "'auto'); default: $RAY_ADDRESS when set. Each run is one task asking for "
+                        "--threads CPUs (default 1); the driver writes the run files to --out")
+    p.add_argument("--gpus-per-run", type=_gpus, default=0.0, metavar="F",
+                   help="GPUs per run for Ray's scheduler, fractions share a GPU (0.5: two runs "
+                        "per GPU); use with --device cuda (default: 0)")
     p.set_defaults(handler=cmd_run)
     return p
 
@@ -119,16 +161,33 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _failure(benchmark: str, strategy: str, seed: int, error: str, several: bool) -> str:
+    where = f" ({benchmark})" if several else ""
+    return f"{strategy} seed {seed}{where}: {error}"
+
+
 def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
-    """Handler of ``run``: runs, then prints the aggregated table. 1 if any run failed."""
+    """Handler of ``run``: runs, then prints the aggregated table. 1 if any run failed, 2 for bad
+    arguments (every benchmark and strategy is checked before anything trains)."""
     from lance_cl.benchmarks import available_benchmarks
 
-    from .report import aggregate, markdown_table
-    from .runner import run_experiment
-
-    if args.benchmark.lower().replace("-", "_") not in available_benchmarks():
-        print(f"lance-cl run: unknown benchmark {args.benchmark!r}; available: "
-              f"{', '.join(available_benchmarks())}", file=sys.stderr)
+    benchmarks = _names(args.benchmark)
+    unknown = [b for b in benchmarks if b not in available_benchmarks()]
+    if unknown or not benchmarks:
+        print(f"lance-cl run: unknown benchmark {', '.join(map(repr, unknown)) or repr(args.benchmark)}; "
+              f"available: {', '.join(available_benchmarks())}", file=sys.stderr)
+        return 2
+    jobs = getattr(args, "jobs", None)
+    address = getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
+    gpus_per_run = float(getattr(args, "gpus_per_run", 0.0) or 0.0)
+    parallel = address is not None or (jobs or 1) > 1
+    if gpus_per_run > 0 and not str(args.device).startswith("cuda"):
+        print(f"lance-cl run: --gpus-per-run {gpus_per_run:g} needs --device cuda (Ray gives each "
+              "run its GPU through CUDA_VISIBLE_DEVICES)", file=sys.stderr)
+        return 2
+    if gpus_per_run > 0 and not parallel:
+        print("lance-cl run: --gpus-per-run is for Ray sweeps: add --jobs N or --ray-address",
+              file=sys.stderr)
         return 2
     if getattr(args, "download", False):
         os.environ["LANCE_CL_DOWNLOAD"] = "1"  # read by lance_cl.benchmarks.get_benchmark
@@ -143,25 +202,37 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
         print(f"lance-cl run: {exc}", file=sys.stderr)
         return 2
     args.strategies = names
-    results, failures = [], []
+    options = dict(out_dir=args.out, epochs=args.epochs, data_root=args.data_root,
+                   device=args.device, quick=args.quick, resume=not args.no_resume,
+                   threads=args.threads, overrides=dict(args.overrides) or None)
+    several = len(benchmarks) > 1
     start = time.perf_counter()
-    for strategy in args.strategies:
-        for seed in args.seeds:
-            try:
-                results.append(run_experiment(
-                    args.benchmark, strategy, seed, out_dir=args.out, epochs=args.epochs,
-                    data_root=args.data_root, device=args.device, quick=args.quick,
-                    resume=not args.no_resume, progress=not args.no_progress, threads=args.threads,
-                    overrides=dict(args.overrides) or None,
-                ))
-            except KeyboardInterrupt:
-                print("\ninterrupted: finished tasks are saved; run the same command to resume",
-                      file=sys.stderr)
-                return 130
-            except Exception as exc:  # keep going with the other runs
-                failures.append(f"{strategy} seed {seed}: {type(exc).__name__}: {exc}")
-                print(f"lance-cl run: {strategy} seed {seed} failed: {type(exc).__name__}: {exc}",
-                      file=sys.stderr)
+    if parallel:
+        status = _run_on_ray(args, benchmarks, options, jobs=jobs, address=address,
+                             gpus_per_run=gpus_per_run)
+        if isinstance(status, int):
+            return status
+        results, failures = status
+    else:
+        from .runner import run_experiment
+
+        results, failures = [], []
+        for benchmark in benchmarks:
+            for strategy in args.strategies:
+                for seed in args.seeds:
+                    try:
+                        results.append(run_experiment(benchmark, strategy, seed,
+                                                      progress=not args.no_progress, **options))
+                    except KeyboardInterrupt:
+                        print("\ninterrupted: finished tasks are saved; run the same command to "
+                              "resume", file=sys.stderr)
+                        return 130
+                    except Exception as exc:  # keep going with the other runs
+                        error = f"{type(exc).__name__}: {exc}"
+                        failures.append(_failure(benchmark, strategy, seed, error, several))
+                        print(f"lance-cl run: {strategy} seed {seed} failed: {error}", file=sys.stderr)
+    from .report import aggregate, markdown_table
+
     done = [r for r in results if r.get("status") == "complete"]
     if done:
         print()
@@ -172,6 +243,35 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
         print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _run_on_ray(args: argparse.Namespace, benchmarks: list[str], options: dict[str, Any], *,
+                jobs: Optional[int], address: Optional[str], gpus_per_run: float
+                ) -> "int | tuple[list[dict[str, Any]], list[str]]":
+    """The runs as Ray tasks (lance_cl.cl.sweep): (results, failure lines), or an exit status."""
+    from . import sweep
+
+    try:
+        sweep.import_ray()
+    except sweep.RayUnavailableError as exc:
+        print(f"lance-cl run: {exc}", file=sys.stderr)
+        return 2
+    runs = sweep.sweep_runs(benchmarks, args.strategies, args.seeds)
+    where = f"the Ray cluster at {address}" if address else f"a local Ray instance ({jobs} slots)"
+    print(f"lance-cl run: {len(runs)} run(s) on {where}", file=sys.stderr)
+    try:
+        outcome = sweep.run_sweep(runs, run_options=options, jobs=jobs, ray_address=address,
+                                  gpus_per_run=gpus_per_run, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished tasks are saved; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (ConnectionError, RuntimeError) as exc:   # no cluster at the address, no GPU, ...
+        print(f"lance-cl run: Ray: {exc}", file=sys.stderr)
+        return 1
+    several = len(benchmarks) > 1
+    return outcome.results, [_failure(r.benchmark, r.strategy, r.seed, error, several)
+                             for r, error in outcome.failures]
 
 
 def cmd_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
@@ -187,14 +287,3 @@ def cmd_report(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
     print("\nwrote:\n  " + "\n  ".join(str(p) for p in paths))
     return 0
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point with just ``run`` and ``report`` (``lance_cl.cli`` wires both)."""
-    parser = argparse.ArgumentParser(prog="lance-cl")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_run_parser(sub)
-    add_report_parser(sub)
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(args_list)
-    return int(args.handler(args, args_list) or 0)
