@@ -20,16 +20,19 @@ task and used again whenever that task is evaluated (selected by the task label 
 receives); the weight's own gradient is projected as above, M's is not.
 
 Published hyperparameters (official code, github.com/mapolinario94/CODE-CL, ``script.sh`` and
-``utils/args.py``; all with plain SGD, no momentum, no weight decay, 125 samples per conceptor,
-lower bound 0.2, K = 80, lr divided by ``lr-decay`` after ``patience`` epochs without a better
-validation accuracy, stop below ``lr-threshold``, best-validation weights restored):
+``utils/args.py``; all with plain SGD, no momentum, no weight decay, batch 64, 125 samples per
+conceptor, lower bound 0.2, K = 80; 5 % of each task's training set held out for validation on
+Split CIFAR-100 and 5-Datasets; the lr is halved once more than ``patience`` epochs pass without
+a better validation *accuracy* (``cl_method/strategy.py`` always halves; ``lr-decay`` only
+divides the counter that stops training below ``lr-threshold``); the best-validation weights,
+M included, are restored at the end of a task):
 
-- Split CIFAR-100 (AlexNet, 10 tasks): aperture 6, aperture gain 0.95, lr 0.01, batch 64,
-  200 epochs, patience 6, decay 2, lr threshold 1e-5;
-- Split MiniImageNet (ResNet-18, 20 tasks): aperture 8, gain 0.95, lr 0.1, 100 epochs,
+- Split CIFAR-100 (AlexNet, 10 tasks): aperture 6, aperture gain 0.95, lr 0.01, 200 epochs,
   patience 6, decay 2, lr threshold 1e-5;
-- 5-Datasets (ResNet-18): aperture 4, gain 0.01, lr 0.1, batch 64, 100 epochs, patience 5,
-  decay 3, lr threshold 1e-3.
+- Split MiniImageNet (ResNet-18, 20 tasks, ``main.py``): aperture 8, gain 0.95, lr 0.1,
+  100 epochs, patience 6, decay 2, lr threshold 1e-5;
+- 5-Datasets (ResNet-18): aperture 4, gain 0.01, lr 0.1, 100 epochs, patience 5, decay 3,
+  lr threshold 1e-3.
 
 The scripts also pass ``--threshold-conv/--threshold-linear 0.95``; the official code stores
 them but never reads them, so they have no counterpart here. Implementation notes: every
