@@ -20,7 +20,6 @@ maximum is the peak (requested sizes, no allocator overhead).
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable, Optional, Sequence
@@ -28,8 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core.conv2d import filter_blocks
-from .layers import CompressedConv2d, CompressedLayer
+from .layers import CompressedLayer, compressed_type_for
 
 
 def measure_activation_memory(model: nn.Module, inputs: Any, loss_fn: Callable[[Any], Tensor],
@@ -213,119 +211,46 @@ class _StepPeak:
             self.peak_bytes = self.cuda_peak_so_far()
 
 
-def _projection_macs(shape: Sequence[int], ranks: Sequence[Optional[int]]) -> tuple[int, list[int]]:
-    """MACs of projecting a tensor of ``shape`` onto factors of ``ranks`` (None = kept), in the
-    order :func:`lance_cl.core.tucker.project` uses. Returns (macs, core shape)."""
-    current = list(shape)
-    order = sorted((m for m, r in enumerate(ranks) if r is not None),
-                   key=lambda m: ranks[m] / shape[m])
-    macs = 0
-    for m in order:
-        macs += math.prod(current) * ranks[m]
-        current[m] = ranks[m]
-    return macs, current
-
-
 def layer_flops(layer: nn.Module, input_shape: Optional[Sequence[int]] = None) -> dict[str, int]:
     """Analytic FLOPs (2 x multiply-adds) of one training step of a Linear/Conv2d layer.
 
     Keys: forward, backward_input, backward_weight, compression (projection and per-step
-    decompositions), total, and vanilla_total for the same layer with plain autograd. Ranks are
-    the layer's current ones (the last step's for hosvd/asi). Stride, dilation and groups enter
+    decompositions), total, and vanilla_total for the same layer with plain autograd.
+    ``input_shape``: the layer's input (B, ...) (default: the last input the layer ran on). Ranks
+    are the layer's current ones (the last step's for hosvd/asi); what the method costs comes from
+    its method object (:meth:`lance_cl.Compressor.step_macs`). Stride, dilation and groups enter
     through the output size and the per-group fan-in.
     """
-    shape = tuple(input_shape or getattr(layer, "last_input_shape", None) or ())
-    if not shape:
-        raise ValueError("layer_flops needs input_shape= (or a layer that has run a forward pass)")
-    comp = layer.compressor if isinstance(layer, CompressedLayer) else None
-    method = comp.name if comp is not None else "vanilla"
-
-    if isinstance(layer, nn.Conv2d):
-        spec = layer.conv_spec if isinstance(layer, CompressedConv2d) else None
-        b, c, h, w = shape
-        if spec is not None and spec.pre_pad is not None:
-            left, right, top, bottom = spec.pre_pad
-            h, w = h + top + bottom, w + left + right
-        stride = spec.stride if spec else layer.stride
-        padding = spec.padding if spec else layer.padding
-        ho = (h + 2 * padding[0] - layer.dilation[0] * (layer.kernel_size[0] - 1) - 1) // stride[0] + 1
-        wo = (w + 2 * padding[1] - layer.dilation[1] * (layer.kernel_size[1] - 1) - 1) // stride[1] + 1
-        k = layer.kernel_size[0] * layer.kernel_size[1]
-        c_out, groups = layer.out_channels, layer.groups
-        c_group = c // groups
-        dense = b * c_out * ho * wo * c_group * k
-        fwd, bwd_in, bwd_w_vanilla = dense, dense, dense
-        compression = 0
-        if method in ("vanilla",):
-            bwd_w = bwd_w_vanilla
-        elif method == "gradient_filter":
-            rows, cols = filter_blocks((ho, wo), comp.radius)
-            compression = b * c * h * w + b * c_out * ho * wo
-            bwd_w = b * rows * cols * c_out * c_group
-        else:
-            ranks = list(comp.ranks())
-            if layer.layout == "tensor":
-                view = (b, c, h, w)
-                compression, core = _projection_macs(view, ranks)
-                n, rc = core[0], core[1]
-                bwd_w = 0 if ranks[0] is None else ranks[0] * b * c_out * ho * wo
-                bwd_w += n * rc * h * core[3] * core[2] if ranks[2] is not None else 0
-                bwd_w += n * rc * h * w * core[3] if ranks[3] is not None else 0
-                if ranks[1] is not None and ranks[1] <= c_group:
-                    bwd_w += n * c_out * ho * wo * rc * k + c_out * c_group * k * rc
-                else:
-                    bwd_w += (n * c * h * w * rc if ranks[1] is not None else 0)
-                    bwd_w += n * c_out * ho * wo * c_group * k
-            else:
-                view = (b, c * k, ho * wo)
-                proj_ranks = [ranks[0], None, ranks[2]]
-                compression = b * ho * wo * c * k * ranks[1] if ranks[1] is not None else 0
-                core_in = [b, ranks[1] or c * k, ho * wo]
-                extra, core = _projection_macs(core_in, proj_ranks)
-                compression += extra
-                gy_proj, gy_core = _projection_macs((b, c_out, ho * wo), proj_ranks)
-                bwd_w = gy_proj + gy_core[0] * c_out * gy_core[2] * core[1]
-                bwd_w += c_out * (c * k // groups) * ranks[1] if ranks[1] is not None else 0
-            compression += _decomposition_macs(method, comp, view)
-    elif isinstance(layer, nn.Linear):
-        tokens = math.prod(shape[:-1])
-        i, o = layer.in_features, layer.out_features
-        fwd = bwd_in = bwd_w_vanilla = tokens * i * o
-        compression = 0
-        if method == "vanilla":
-            bwd_w = bwd_w_vanilla
-        else:
-            ranks = list(comp.ranks())
-            compression, core = _projection_macs(shape, ranks)
-            gy_proj, gy_core = _projection_macs(tuple(shape[:-1]) + (o,), ranks[:-1] + [None])
-            bwd_w = gy_proj + math.prod(gy_core[:-1]) * o * core[-1]
-            bwd_w += o * core[-1] * i if ranks[-1] is not None else 0
-            compression += _decomposition_macs(method, comp, shape)
+    if input_shape is not None:
+        shape = None
     else:
-        raise TypeError(f"layer_flops supports Linear and Conv2d, got {type(layer).__name__}")
-    out = {"forward": fwd, "backward_input": bwd_in, "backward_weight": bwd_w,
-           "compression": compression}
-    out = {key: 2 * v for key, v in out.items()}
+        shape = getattr(layer, "last_input_shape", None)     # already prepared (pre-padded)
+        if not shape:
+            raise ValueError("layer_flops needs input_shape= (or a layer that has run a forward pass)")
+    try:
+        layer_type = layer if isinstance(layer, CompressedLayer) else compressed_type_for(layer)
+    except TypeError:
+        raise TypeError(f"layer_flops supports Linear and Conv2d, got {type(layer).__name__}") from None
+    if shape is None:
+        shape = layer_type.prepared_shape(layer, tuple(input_shape))
+    dense = layer_type.dense_macs(layer, shape)
+    if isinstance(layer, CompressedLayer):
+        grad_w, compression = layer.compressor.step_macs(layer, shape)
+    else:
+        grad_w, compression = dense, 0
+    out = {"forward": 2 * dense, "backward_input": 2 * dense, "backward_weight": 2 * grad_w,
+           "compression": 2 * compression}
     out["total"] = sum(out.values())
-    out["vanilla_total"] = 2 * (fwd + bwd_in + bwd_w_vanilla)
+    out["vanilla_total"] = 2 * 3 * dense
     return out
 
 
-def _decomposition_macs(method: str, comp, view: Sequence[int]) -> int:
-    """Per-step decomposition cost: Gram + eigendecomposition of the smaller side, plus U = X V for
-    the dual (hosvd), one subspace-iteration
-    step + QR (asi), nothing for fixed subspaces (lance)."""
-    total = math.prod(view)
-    macs = 0
-    ranks = comp.ranks()
-    for m in comp.modes:
-        n = view[m]
-        rest = total // n
-        if method == "hosvd":
-            # Gram of the smaller side (mode_basis uses the dual Gram when n > rest) + eigh
-            small, large = min(n, rest), max(n, rest)
-            macs += small * small * large + small ** 3 + (n * rest * ranks[m] if n > rest else 0)
-        elif method == "asi":
-            r = ranks[m] or n
-            macs += min(2 * n * rest * r, n * n * rest + n * n * r) + n * r * r
-    return macs
+def format_bytes(n: Optional[float], missing: str = "-") -> str:
+    """Bytes in binary units with two decimals: 1536 -> '1.50 KiB', 3 * 2**20 -> '3.00 MiB',
+    500 -> '500 B'; None -> ``missing``."""
+    if n is None:
+        return missing
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"

@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 from lance_cl.cl.plugins import GPMPlugin, LanceCLPlugin, SGPPlugin
 from lance_cl.cl.subspace import UnsafeOptimizerError
-from lance_cl.layers import CompressedLayer
+from lance_cl.layers import CompressedLayer, LayerMode
 from lance_cl.models import SmallCNN
 
 PROTECTED = ["conv1", "conv2", "fc1"]
@@ -160,9 +160,9 @@ def test_first_task_full_backprop_variant_trains_task_one_uncompressed():
     plugin = LanceCLPlugin(eps=0.9, first_task="full")
     strategy = strategy_with(plugin, model, epochs=1)
     strategy.train(bm.train_stream[0])
-    assert all(model.get_submodule(n).bypass for n in PROTECTED)
+    assert all(model.get_submodule(n).mode is LayerMode.FULL_BACKPROP for n in PROTECTED)
     strategy.train(bm.train_stream[1])
-    assert not any(model.get_submodule(n).bypass for n in PROTECTED)
+    assert all(model.get_submodule(n).mode is LayerMode.COMPRESSED for n in PROTECTED)
 
 
 def test_layer_with_nothing_left_is_frozen_for_the_task():

@@ -222,7 +222,8 @@ def test_training_subspace_keeps_a_fraction_of_the_residual_energy(energy, max_r
     torch.testing.assert_close(u.t() @ u, torch.eye(expected_rank, dtype=DT))
     assert abs(float(u[:, 0] @ frame[:, 1])) == pytest.approx(1.0)
     if energy == 0.5:     # GPM's total-energy rule at the same number freezes the layer
-        assert grow_basis(c, frame[:, :1], energy)[0].shape[1] == 0
+        # (P covers exactly 50 %: compare just below it, the rounding of tr(C_res) decides at it)
+        assert grow_basis(c, frame[:, :1], energy - 1e-9)[0].shape[1] == 0
 
 
 def test_training_subspace_is_empty_when_the_basis_covers_everything():

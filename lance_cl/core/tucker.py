@@ -80,6 +80,19 @@ def project(x: Tensor, factors: Factors) -> Tensor:
     return compact(core)
 
 
+def projection_macs(shape: Sequence[int], ranks: Sequence[Optional[int]]) -> tuple[int, list[int]]:
+    """Multiply-adds of :func:`project` for a tensor of ``shape`` onto factors of ``ranks``
+    (None = mode kept), contracting in the same order. Returns (MACs, core shape)."""
+    current = list(shape)
+    order = sorted((m for m, r in enumerate(ranks) if r is not None),
+                   key=lambda m: ranks[m] / shape[m])
+    macs = 0
+    for m in order:
+        macs += math.prod(current) * ranks[m]
+        current[m] = ranks[m]
+    return macs, current
+
+
 def reconstruct(core: Tensor, factors: Factors, modes: Optional[Sequence[int]] = None) -> Tensor:
     """``core x_m U_m`` for the given ``modes`` (default: every mode with a factor)."""
     if modes is None:

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from ... import wrap
+from ...calibration import Calibration
 from ...core.linalg import check_eps, grow_basis, top_eigenvectors, training_subspace
-from ...layers import CompressedConv2d, CompressedLayer
+from ...layers import CompressedConv2d, CompressedLayer, LayerMode
 from .base import SubspacePlugin, forward_batch
 
 
@@ -116,17 +117,17 @@ class LanceCLPlugin(SubspacePlugin):
         layers = self._compress(model)
         full_backprop = self.tasks_trained == 0 and self.first_task == "full"
         for layer in layers.values():
-            layer.bypass = full_backprop
+            layer.set_mode(LayerMode.FULL_BACKPROP if full_backprop else LayerMode.COMPRESSED)
         if full_backprop:
             return
         loader = self.task_loader(strategy, batch_size=strategy.train_mb_size)
-        wrap.calibrate(model, self._device_batches(loader, strategy.device),
-                       num_batches=self.calibration_batches, forward=forward_batch,
-                       progress=False, finish=False)
+        calibration = Calibration(model, layers, forward=forward_batch)
+        calibration.run(self._device_batches(loader, strategy.device),
+                        num_batches=self.calibration_batches, progress=False)
         self.frozen = []
         self._grad_projectors = {}
         for name, layer in layers.items():
-            self._set_training_factors(name, layer)
+            self._set_training_factors(name, layer, calibration)
 
     def _training_factor(self, name: str, gram: torch.Tensor) -> tuple[torch.Tensor, float, dict]:
         """U_F (d, r) orthogonal to P by the configured rule, the energy P covers, log entries."""
@@ -146,9 +147,10 @@ class LanceCLPlugin(SubspacePlugin):
             info["train_rule"] = "complement"       # small layer: the whole complement of P
         return u, covered, info
 
-    def _set_training_factors(self, name: str, layer: CompressedLayer) -> None:
+    def _set_training_factors(self, name: str, layer: CompressedLayer,
+                              calibration: Calibration) -> None:
         comp = layer.compressor
-        grams = comp.calibration_grams()
+        grams = calibration.grams(name)
         fan_in_mode = 1 if isinstance(layer, CompressedConv2d) else comp.n_modes - 1
         u_fan_in, covered, rule = self._training_factor(name, grams[fan_in_mode])
         dtype = layer.weight.dtype
@@ -162,18 +164,18 @@ class LanceCLPlugin(SubspacePlugin):
                    ranks=[None if f is None else int(f.shape[1]) for f in factors])
         if u_fan_in.shape[1] == 0:
             # no direction left: the layer is frozen for this task rather than trained unprojected
-            layer.weight.requires_grad_(False)
+            layer.set_mode(LayerMode.FROZEN)        # requires_grad off until finish_task
             self.frozen.append(name)
             factors[fan_in_mode] = None
         log["frozen"] = u_fan_in.shape[1] == 0
-        comp.fix_factors(factors)
+        calibration.fix_factors(name, factors)
         per_sample_core = math.prod(n if f is None else f.shape[1]
                                     for n, f in zip(comp.calibrated_shape.tolist(), factors[1:]))
         per_sample_input = math.prod(layer.last_input_shape[1:])
         store_input = u_fan_in.shape[1] > 0 and per_sample_core >= per_sample_input
         log["storage"] = "input" if store_input else "core"
         if store_input:
-            layer.bypass = True
+            layer.set_mode(LayerMode.STORE_INPUT)
             self._grad_projectors[name] = u_fan_in.to(layer.weight.device, layer.weight.dtype)
 
     @torch.no_grad()
@@ -187,11 +189,11 @@ class LanceCLPlugin(SubspacePlugin):
 
     def finish_task(self, strategy) -> None:
         for name in self.frozen:
-            strategy.model.get_submodule(name).weight.requires_grad_(True)
+            strategy.model.get_submodule(name).set_mode(LayerMode.COMPRESSED)
         self.frozen = []
         self._factor_bytes = self._current_factor_bytes(strategy.model)
         for name in self._grad_projectors:
-            strategy.model.get_submodule(name).bypass = False
+            strategy.model.get_submodule(name).set_mode(LayerMode.COMPRESSED)
         self._grad_projectors = {}
 
     def _current_factor_bytes(self, model: nn.Module) -> int:
