@@ -37,7 +37,12 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .. import strategies as recipes
+from ..benchmarks import get_benchmark
+from ..progress import progress_bar
+from ..wrap import plain_state_dict
 from .metrics import summary
+from .protocol import GPMSchedulePlugin, evaluate_accuracy
 from .run_files import (RESULT_FORMAT, RunFileError, checkpoint_path, configs_match, json_safe,
                         load_checkpoint, read_result, remove_checkpoints, result_path, run_stem,
                         save_checkpoint, write_json_atomic)
@@ -71,9 +76,6 @@ def check_experiments(benchmark: str, strategies: Sequence[str], *,
     strategy, and that the benchmark's data set is present (loaded once). Raises ValueError
     (unknown strategy, listing the known ones), KeyError (unknown benchmark, likewise) or
     :class:`lance_cl.data.DatasetNotFoundError` (naming the missing files)."""
-    from lance_cl import strategies as recipes
-    from lance_cl.benchmarks import get_benchmark
-
     for name in strategies:
         recipes.parse_strategy(name)
     get_benchmark(benchmark, data_root=data_root, seed=0, quick=quick)
@@ -202,10 +204,6 @@ class _TaskTrainer:
     one task at a time, and saves / restores everything a resume needs."""
 
     def __init__(self, spec: Any, strategy: str, *, device: str, epochs: int) -> None:
-        from lance_cl import strategies
-
-        from .protocol import GPMSchedulePlugin
-
         d = spec.defaults
         self.spec, self.device = spec, device
         self.eval_batch_size = int(d.get("eval_batch_size", 256))
@@ -215,15 +213,11 @@ class _TaskTrainer:
             patience=d.get("patience", 6), lr_min=d.get("lr_min", 1e-5),
             eval_mb_size=d.get("eval_batch_size", 256))
         self.probe = ActivationMemoryProbe()
-        self.strategy = strategies.build_strategy(
+        self.strategy = recipes.build_strategy(
             strategy, model, spec, device=device, epochs=epochs, extra_plugins=[self.schedule, self.probe])
 
     def train_task(self, i: int) -> tuple[list[float], dict[str, Any]]:
         """Train task ``i``, test every task: (accuracy row in %, the task's per-task record)."""
-        from lance_cl import strategies
-
-        from .protocol import evaluate_accuracy
-
         t0 = time.perf_counter()
         self.strategy.train(self.spec.train_stream[i], eval_streams=[])
         train_time = time.perf_counter() - t0
@@ -234,25 +228,22 @@ class _TaskTrainer:
         eval_time = time.perf_counter() - t1
         history = self.schedule.history.get(i, [])
         _check_finite(i, history, row)
-        memory = {**self.probe.results.get(i, {}), **strategies.memory_figures(self.strategy)}
+        memory = {**self.probe.results.get(i, {}), **recipes.memory_figures(self.strategy)}
         return row, {
             "task": i, "train_time_s": train_time, "eval_time_s": eval_time,
             "epochs_run": len(history), "best_epoch": self.schedule.best_epoch.get(i),
             "val_history": history, "memory": memory,
-            "layers": strategies.task_diagnostics(self.strategy, i),
+            "layers": recipes.task_diagnostics(self.strategy, i),
         }
 
     def checkpoint(self, config: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
         """Everything :meth:`restore` needs to continue after the finished tasks."""
-        from lance_cl import strategies
-        from lance_cl.wrap import plain_state_dict
-
         return {
             "config": config,
             "completed_tasks": results["completed_tasks"],
             "model": plain_state_dict(self.strategy.model),
             "optimizer": self.strategy.optimizer.state_dict(),
-            "strategy": strategies.strategy_state(self.strategy),
+            "strategy": recipes.strategy_state(self.strategy),
             "schedule": self.schedule.state_dict(),
             "clock": _clock_state(self.strategy),
             "rng": _rng_state(),
@@ -262,12 +253,10 @@ class _TaskTrainer:
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Model (strictly: every key), plugins, optimizer, clock, schedule and global RNG as
         they were after the checkpoint's last task."""
-        from lance_cl import strategies
-
         done = int(checkpoint["completed_tasks"])
         strategy = self.strategy
         strategy.model.load_state_dict(checkpoint["model"], strict=True)
-        strategies.load_strategy_state(strategy, checkpoint["strategy"],
+        recipes.load_strategy_state(strategy, checkpoint["strategy"],
                                        [self.spec.train_stream[j].dataset for j in range(done)])
         strategy.optimizer.load_state_dict(checkpoint["optimizer"])
         for k, v in checkpoint.get("clock", {}).items():
@@ -310,24 +299,13 @@ def run_experiment(
     unchanged) sets ``torch.set_num_threads`` for the run: tiny models on a shared CPU run many
     times faster on one thread than on several competing ones.
     """
-    from lance_cl.benchmarks import get_benchmark
-
     previous_threads = torch.get_num_threads()
     try:
-        seed_everything(seed)
-        spec = get_benchmark(benchmark, data_root=data_root, seed=seed, quick=quick)
-        spec.defaults.update(overrides or {})
-        threads = spec.defaults.get("threads") if threads is None else threads
-        if threads is not None and str(device).startswith("cpu"):
-            torch.set_num_threads(int(threads))
-        max_epochs = int(epochs if epochs is not None else spec.defaults["epochs"])
-        config = {
-            "benchmark": benchmark, "strategy": strategy, "seed": int(seed), "epochs": max_epochs,
-            "quick": bool(quick), "device": str(device),
-            "data_root": None if data_root is None else str(data_root), "defaults": dict(spec.defaults),
-        }
+        spec, config = _prepare(benchmark, strategy, seed, epochs=epochs, data_root=data_root,
+                                device=device, quick=quick, threads=threads, overrides=overrides)
         json_file = result_path(out_dir, benchmark, strategy, seed)
         ckpt_file = checkpoint_path(out_dir, benchmark, strategy, seed)
+        checkpoint = None
         if resume:
             previous = read_result(json_file)
             if previous and previous.get("status") == "complete" and configs_match(previous.get("config", {}), config):
@@ -335,25 +313,41 @@ def run_experiment(
             checkpoint = load_checkpoint(ckpt_file, config)
         else:
             remove_checkpoints(ckpt_file)
-            checkpoint = None
-        n_tasks = len(spec.train_stream)
-        stop = n_tasks if max_tasks is None else min(n_tasks, int(max_tasks))
-        return _train_tasks(spec, strategy, config, checkpoint, stop, json_file, ckpt_file,
-                            progress=progress)
+        return _train_tasks(spec, strategy, config, checkpoint, json_file, ckpt_file,
+                            max_tasks=max_tasks, progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_tasks(spec: Any, strategy: str, config: dict[str, Any], checkpoint: Optional[dict[str, Any]],
-                 stop: int, json_file: Path, ckpt_file: Path, *, progress: bool) -> dict[str, Any]:
-    """Tasks after the checkpoint's (all from task 0 without one) up to ``stop``, with the
-    results JSON and a checkpoint written after each; a failure is recorded and re-raised."""
-    from lance_cl.progress import progress_bar
+def _prepare(benchmark: str, strategy: str, seed: int, *, epochs: Optional[int],
+             data_root: Optional[Union[str, Path]], device: str, quick: bool, threads: Optional[int],
+             overrides: Optional[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """The seeded benchmark (defaults overridden) and the run's config; sets the CPU threads."""
+    seed_everything(seed)
+    spec = get_benchmark(benchmark, data_root=data_root, seed=seed, quick=quick)
+    spec.defaults.update(overrides or {})
+    threads = spec.defaults.get("threads") if threads is None else threads
+    if threads is not None and str(device).startswith("cpu"):
+        torch.set_num_threads(int(threads))
+    config = {
+        "benchmark": benchmark, "strategy": strategy, "seed": int(seed),
+        "epochs": int(epochs if epochs is not None else spec.defaults["epochs"]),
+        "quick": bool(quick), "device": str(device),
+        "data_root": None if data_root is None else str(data_root), "defaults": dict(spec.defaults),
+    }
+    return spec, config
 
+
+def _train_tasks(spec: Any, strategy: str, config: dict[str, Any], checkpoint: Optional[dict[str, Any]],
+                 json_file: Path, ckpt_file: Path, *, max_tasks: Optional[int], progress: bool) -> dict[str, Any]:
+    """The tasks after the checkpoint's (all from task 0 without one; at most ``max_tasks`` in
+    all), with the results JSON and a checkpoint written after each; a failure is recorded and
+    re-raised."""
     results = _new_results(config, len(spec.train_stream))
     if checkpoint is not None:
         _restore_results(results, checkpoint)
     start = results["completed_tasks"]
+    stop = results["n_tasks"] if max_tasks is None else min(results["n_tasks"], int(max_tasks))
     try:
         trainer = _TaskTrainer(spec, strategy, device=config["device"], epochs=config["epochs"])
         if checkpoint is not None:
