@@ -126,3 +126,86 @@ def test_real_plugin_run_resumes_exactly(tmp_path, strategy) -> None:  # type: i
         assert a["layers"] == b["layers"]
         assert a["memory"]["persistent_bytes"] == b["memory"]["persistent_bytes"]
         assert a["memory"]["activation_layers_bytes"] == b["memory"]["activation_layers_bytes"]
+
+
+# -- what each method keeps: plugins report it themselves, Avalanche's through adapters ----------
+
+
+def test_a_plugin_that_reports_itself_needs_no_change_in_the_strategy_layer(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A toy plugin with the reporting methods, registered as a recipe from the test: its bytes,
+    diagnostics and state reach the run files, and a resume restores its state."""
+    from avalanche.core import SupervisedPlugin
+
+    import lance_cl.strategies as S
+
+    resumed_with: list[int] = []
+
+    class Toy(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[int] = []
+
+        def after_training_exp(self, strategy, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            self.seen.append(int(strategy.experience.current_experience))
+
+        def memory_figures(self, strategy) -> dict:  # type: ignore[no-untyped-def]
+            return {"persistent_bytes": 100 * len(self.seen), "training_extra_bytes": 7}
+
+        def task_diagnostics(self, task: int) -> dict:
+            return {"toy": {"seen": task in self.seen}}
+
+        def state_dict(self) -> dict:
+            return {"seen": list(self.seen)}
+
+        def load_run_state(self, state, strategy, past_datasets=()) -> None:  # type: ignore[no-untyped-def]
+            self.seen = list(state["seen"])
+            resumed_with.append(len(past_datasets))
+
+    monkeypatch.setitem(S.RECIPES, "toy", S.Recipe("toy", "test plugin", lambda d: [Toy()]))
+    kw = dict(epochs=1, quick=True, progress=False)
+    run_experiment("split_digits", "toy", 0, out_dir=tmp_path, max_tasks=2, **kw)
+    done = run_experiment("split_digits", "toy", 0, out_dir=tmp_path, **kw)
+    assert resumed_with == [2]
+    heads = 5 * 2 * 32 * 4   # 5 bias-free heads of 2 x 32 float32
+    assert [t["memory"]["persistent_bytes"] for t in done["per_task"]] == [heads + 100 * (i + 1) for i in range(5)]
+    assert all(t["memory"]["training_extra_bytes"] == 7 for t in done["per_task"])
+    assert all(t["layers"] == {"toy": {"seen": True}} for t in done["per_task"])
+
+
+@pytest.mark.parametrize("name", ["ewc", "lwf", "joint"])
+def test_avalanche_methods_report_their_state_through_the_adapters(name: str) -> None:
+    import copy
+
+    import lance_cl.strategies as S
+    from lance_cl.benchmarks import get_benchmark
+
+    spec = get_benchmark("split_digits", quick=True)
+    torch.manual_seed(0)
+    strategy = S.build_strategy(name, spec.model_factory(), spec, epochs=1)
+    strategy.train(spec.train_stream[0], eval_streams=[])
+    model = strategy.model
+    heads = 5 * 2 * 32 * 4
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    task_data = len(spec.train_stream[0].dataset) * 4 * 8 * 8   # 8 x 8 float32 images
+    expected = {"ewc": 2 * weights,       # anchor weights and Fisher diagonal, one per parameter
+                "lwf": weights,           # the previous model
+                "joint": task_data}[name]  # the data of the finished task
+    assert S.memory_figures(strategy) == {"persistent_bytes": heads + expected, "training_extra_bytes": 0}
+    state = S.strategy_state(strategy)
+    fresh = S.build_strategy(name, copy.deepcopy(model), spec, epochs=1)
+    S.load_strategy_state(fresh, state, [spec.train_stream[0].dataset])
+    assert S.memory_figures(fresh) == S.memory_figures(strategy)
+
+
+def test_sizes_count_bytes_by_hand() -> None:
+    from torch.utils.data import TensorDataset
+
+    from lance_cl.cl.sizes import dataset_bytes, parameter_bytes, tensor_bytes
+
+    class Boxed:   # Avalanche's ParamData keeps its tensor in .data
+        data = torch.zeros(3, dtype=torch.float64)
+
+    assert tensor_bytes({"a": torch.zeros(2, 5), "b": [torch.zeros(4, dtype=torch.int8), Boxed()], "c": 1}) == 40 + 4 + 24
+    assert dataset_bytes(TensorDataset(torch.zeros(6, 3, 2), torch.zeros(6))) == 6 * 3 * 2 * 4
+    assert dataset_bytes(TensorDataset(torch.zeros(0, 3), torch.zeros(0))) == 0
+    assert parameter_bytes(torch.nn.Linear(3, 2)) == (3 * 2 + 2) * 4
