@@ -17,15 +17,17 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import lance_cl
 from lance_cl.compact import stem_segments
+from lance_cl.progress import progress_bar
 from lance_cl.train_modes import preserved_train_modes
 from lance_cl.wrap import compressed_layers
 
-from .perf_config import (MODELS, BenchConfig, BenchSetupError, bench_methods, calibration_batches,
-                          max_calibration_batches, method_layers, method_options, split_variant)
+from .perf_config import (MODELS, REFERENCE, BenchConfig, BenchSetupError, bench_methods,
+                          calibration_batches, max_calibration_batches, method_layers,
+                          method_options, split_variant)
 from .perf_data import BenchSplit, load_bench_data, split_images
 
 
@@ -202,7 +204,7 @@ def _setup_method(method: str, base: nn.Module, body: Sequence[str], cfg: BenchC
     mem = lance_cl.measure_activation_memory(model, x, loss_fn, layers=names)
     model.zero_grad(set_to_none=True)
     key = tuple(names)
-    if method == "vanilla":
+    if method == REFERENCE:
         vanilla_mem[key] = mem
     elif key not in vanilla_mem:
         assert vanilla is not None
@@ -307,7 +309,7 @@ def _bench_model(model_name: str, split: BenchSplit, cfg: BenchConfig, device: t
     ref_grads = weight_grads(reference, body, x, y)
     del reference
 
-    methods = ["vanilla"] + [m for m in cfg.methods if m != "vanilla"]
+    methods = [REFERENCE] + [m for m in cfg.methods if m != REFERENCE]
     models: dict[str, nn.Module] = {}
     results: dict[str, dict[str, Any]] = {}
     vanilla_mem: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -318,9 +320,9 @@ def _bench_model(model_name: str, split: BenchSplit, cfg: BenchConfig, device: t
         t0 = time.perf_counter()
         try:
             models[method], results[method] = _setup_method(
-                method, base, body, cfg, calib, x, y, ref_grads, models.get("vanilla"), vanilla_mem)
+                method, base, body, cfg, calib, x, y, ref_grads, models.get(REFERENCE), vanilla_mem)
         except Exception as e:  # a method that breaks is reported, the others still run
-            if method == "vanilla":
+            if method == REFERENCE:
                 raise
             results[method] = {"layers": method_layers(method, base, body),
                                "options": method_options(method, cfg),
@@ -334,7 +336,7 @@ def _bench_model(model_name: str, split: BenchSplit, cfg: BenchConfig, device: t
     t0 = time.perf_counter()
     samples = _time_methods(models, x, y, cfg, device, bar, model_name)
     phases["timing"] = time.perf_counter() - t0
-    base_time = statistics.median(samples["vanilla"])
+    base_time = statistics.median(samples[REFERENCE])
     for method, times in samples.items():
         med = statistics.median(times)
         results[method]["time"] = {"median_s": med, "ratio": med / base_time,
@@ -369,9 +371,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True, command: Optional[s
     started = time.perf_counter()
     try:
         machine = _machine_info(device)
-        n_methods = 1 + len([m for m in config.methods if m != "vanilla"])
+        n_methods = 1 + len([m for m in config.methods if m != REFERENCE])
         total = len(config.models) * (config.train_steps + n_methods + config.repeats)
-        with tqdm(total=total, desc="bench", disable=not progress, leave=False) as bar:
+        with progress_bar(total=total, desc="bench", disable=not progress, leave=False) as bar:
             results = {m: _bench_model(m, split, config, device, bar if progress else None)
                        for m in config.models}
     finally:

@@ -27,13 +27,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .compressors import CalibrationError, CalibrationStatistics
 from .core.budget import select_under_budget
 from .core.linalg import sorted_eigh
 from .core.tucker import project, tucker_bytes
 from .layers import CompressedLayer, LayerMode
+from .progress import progress_bar
 from .train_modes import preserved_buffers, preserved_train_modes
 
 BUDGET_EPS_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -161,8 +161,8 @@ class Calibration:
         if total is None and hasattr(batches, "__len__"):
             total = len(batches)
         with self:
-            for batch in tqdm(batches, total=total, desc="calibrating", disable=not progress,
-                              leave=False):
+            for batch in progress_bar(batches, total=total, desc="calibrating", disable=not progress,
+                                      leave=False):
                 if num_batches is not None and self.num_batches >= num_batches:
                     break
                 self.observe(batch)
