@@ -58,6 +58,18 @@ def test_an_unknown_strategy_fails_before_anything_trains(tmp_path: Path, monkey
     assert calls.built == 0 and calls.train_calls == 0 and not out.exists()
 
 
+def test_a_missing_data_set_is_reported_once_before_anything_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    calls = install(monkeypatch)
+    out = tmp_path / "runs"
+    status = main(["run", "--benchmark", "split_mnist", "--strategies", "naive,naive2", "--seeds", "0-1",
+                   "--quick", "--data-root", str(tmp_path / "empty"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("MNIST") >= 1 and err.count("lance-cl run:") == 1
+    assert str(tmp_path / "empty") in err
+    assert calls.built == 0 and not out.exists()
+
+
 def test_run_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     install(monkeypatch)
     threads = torch.get_num_threads()

@@ -202,6 +202,17 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
         print(f"lance-cl run: {exc}", file=sys.stderr)
         return 2
     args.strategies = names
+    if address is None:   # data sets checked once here; a cluster's nodes hold their own
+        from lance_cl.data import DatasetNotFoundError
+
+        from .runner import check_experiments
+
+        try:
+            for benchmark in benchmarks:
+                check_experiments(benchmark, names, data_root=args.data_root, quick=args.quick)
+        except DatasetNotFoundError as exc:
+            print(f"lance-cl run: {exc}", file=sys.stderr)
+            return 2
     options = dict(out_dir=args.out, epochs=args.epochs, data_root=args.data_root,
                    device=args.device, quick=args.quick, resume=not args.no_resume,
                    threads=args.threads, overrides=dict(args.overrides) or None)
