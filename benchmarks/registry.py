@@ -26,7 +26,9 @@ benchmarks keep a stratified 20 % of train and test and train 2 epochs per task.
 - ``epochs``: maximum epochs per task; ``batch_size`` / ``eval_batch_size``;
 - ``eps``, ``eps_step``: CL energy threshold of task t = eps + t * eps_step (GPM, LANCE);
 - ``alpha``: SGP's importance scale; ``gpm_samples``: samples per task for GPM's
-  representation matrices; ``val_fraction``; ``threads`` (torch CPU threads for the run,
+  representation matrices; ``trgp_samples``, ``trgp_threshold``, ``trgp_top_k`` (TRGP's
+  trust-region selection); ``codecl_aperture``, ``codecl_aperture_gain``, ``codecl_num_free_dim``,
+  ``codecl_lower_bound`` (CODE-CL; absent: its Split CIFAR-100 values); ``val_fraction``; ``threads`` (torch CPU threads for the run,
   None = leave unchanged).
 
 The vision benchmarks (split_cifar10, split_cifar100, split_miniimagenet, five_datasets) live

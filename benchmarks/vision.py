@@ -73,6 +73,9 @@ FIVE_DATASETS_DEFAULTS: dict[str, Any] = {
     "eps_step": 0.0,
     "alpha": 10.0,
     "gpm_samples": 100,
+    "trgp_samples": 500,            # TRGP's gradient samples for selection (main_five_dataset.py)
+    "codecl_aperture": 4.0,         # CODE-CL's script.sh for 5-Datasets
+    "codecl_aperture_gain": 0.01,
     "val_fraction": 0.05,
     "threads": None,
 }
@@ -94,6 +97,8 @@ MINIIMAGENET_DEFAULTS: dict[str, Any] = {
     "eps_step": 0.0,
     "alpha": 10.0,
     "gpm_samples": 100,
+    "trgp_samples": 500,            # TRGP's gradient samples for selection (main_mini_dataset.py)
+    "codecl_aperture": 8.0,         # CODE-CL's script.sh for MiniImageNet
     "val_fraction": 0.02,
     "threads": None,
 }
