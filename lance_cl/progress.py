@@ -18,15 +18,18 @@ LOG_INTERVAL_S = 30.0
 
 
 class _WholeLines:
-    """A text stream for tqdm that turns each redraw (``"\\r" + status``) into one line."""
+    """A text stream for tqdm that turns each redraw (``"\\r" + status``) into one line, and
+    drops a redraw that repeats the last line."""
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
+        self._last = ""
 
     def write(self, text: str) -> int:
         line = text.replace("\r", "").rstrip()
-        if line:
+        if line and line != self._last:   # closing a bar redraws its last state
             self._stream.write(line + "\n")
+            self._last = line
         return len(text)
 
     def flush(self) -> None:

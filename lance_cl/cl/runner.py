@@ -360,8 +360,8 @@ def _train_tasks(spec: Any, strategy: str, config: dict[str, Any], checkpoint: O
                 _add_task(results, row, record)
                 write_json_atomic(json_file, results)
                 save_checkpoint(ckpt_file, trainer.checkpoint(config, results))
+                bar.set_postfix(acc=f"{results['acc']:.1f}", bwt=f"{results['bwt']:.1f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(acc=f"{results['acc']:.1f}", bwt=f"{results['bwt']:.1f}")
         write_json_atomic(json_file, results)   # also when resumed with nothing left to do
         return json_safe(results)
     except BaseException as exc:  # record, then re-raise (KeyboardInterrupt included)
