@@ -25,6 +25,7 @@ COMPACT_VARIANTS: dict[str, tuple[str, bool]] = {
     "+compact": ("float", True), "+compact_nostem": ("float", False),
     "+compact_bf16": ("bf16", True), "+compact_int8": ("int8", True)}
 MODELS: tuple[str, ...] = ("alexnet", "mobilenet")
+REFERENCE = "vanilla"      # the method every other one is measured against (always runs first)
 
 
 def bench_methods() -> tuple[str, ...]:

@@ -10,6 +10,8 @@ import torch
 
 from lance_cl.accounting import format_bytes
 
+from .perf_config import REFERENCE
+
 
 def _fmt_ratio(r: Optional[float], digits: int = 2) -> str:
     if r is None:
@@ -79,7 +81,7 @@ def render_markdown(result: dict[str, Any], details: bool = True) -> str:
         lines.append("| layer | input | method | ranks | measured bytes | analytic bytes | vs vanilla "
                      "| grad cosine | grad angle | FLOPs ratio |")
         lines.append("|" + "---|" * 10)
-        van = res["methods"]["vanilla"]["memory"]["per_layer_measured"]
+        van = res["methods"][REFERENCE]["memory"]["per_layer_measured"]
         for method, r in res["methods"].items():
             if "error" in r:
                 continue

@@ -246,3 +246,17 @@ def test_preserved_buffers_puts_running_statistics_back():
         bn(torch.randn(8, 3) + 5.0)                     # a training-mode forward moves them
         assert bn.running_mean.abs().sum() > 0 and int(bn.num_batches_tracked) == 1
     assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("padding,padding_mode", [(1, "zeros"), ("same", "zeros"), (1, "reflect")])
+def test_patch_view_is_the_im2col_the_conv_multiplies(padding, padding_mode):
+    """conv(x) = W.view(C_out, -1) @ patches: the patch view is the conv's own im2col."""
+    from lance_cl.layers.conv2d import patch_view
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, (2, 3), padding=padding, padding_mode=padding_mode, bias=False).double()
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    patches = patch_view(conv, x)
+    out = conv(x)
+    assert patches.shape == (2, 2 * 2 * 3, out.shape[2] * out.shape[3])
+    torch.testing.assert_close(conv.weight.view(3, -1) @ patches, out.flatten(2))

@@ -204,7 +204,7 @@ def tucker_conv2d_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
         if r * kh * kw <= SMALL_PATCH:
             # a handful of input channels: one matmul against the im2col patches beats the
             # convolution kernel (measured 2-3x on CPU, docs/performance.md)
-            patches = F.unfold(z, (kh, kw), conv.dilation, conv.padding, conv.stride)
+            patches = layout_view(z, (kh, kw), conv, "patch")
             m = mode_contract(gy.flatten(2), patches, 1).reshape(c_out, r, kh, kw)
         else:
             m = conv2d_weight(z, (c_out, r, kh, kw), gy, conv.stride, conv.padding,

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from ..compressors import CalibrationStatistics, Compressor, build_compressor
-from ..core.frozen import frozen_conv2d, frozen_linear
 from .swap import rebind
 
 
@@ -140,13 +139,7 @@ class CompressedLayer(nn.Module):
     def frozen_forward(self, x: Tensor) -> Tensor:
         """Forward of a weight with requires_grad False (prepared input): same output and input
         gradient as the plain forward, but backward keeps only the weight, never x."""
-        if isinstance(self, nn.Conv2d):
-            s = self.conv_spec                  # x is pre-padded: the spec's padding is symmetric
-            return frozen_conv2d(x, self.weight, self.bias, s.stride, s.padding, s.dilation,
-                                 s.groups)
-        if isinstance(self, nn.Linear):
-            return frozen_linear(x, self.weight, self.bias)
-        return self.plain_forward(x)
+        raise NotImplementedError
 
     def grad_weight_from(self, core: Tensor, factors: Sequence[Optional[Tensor]],
                          grad_output: Tensor) -> Tensor:

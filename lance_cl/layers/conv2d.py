@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..core.conv2d import (LAYOUTS, ConvSpec, TuckerConv2dFunction, layout_shape, layout_view,
                            tucker_conv2d_grad_weight)
+from ..core.frozen import frozen_conv2d
 from ..core.tucker import projection_macs
 from .base import CompressedLayer
 from .registry import register_compressed_layer
@@ -51,6 +52,14 @@ def conv_geometry(module: nn.Conv2d, shape: Sequence[int]) -> ConvGeometry:
     ho, wo = conv_spec_of(module).output_size(h, w, module.kernel_size)
     return ConvGeometry(b, c, h, w, ho, wo, module.kernel_size[0] * module.kernel_size[1],
                         module.out_channels, c // module.groups)
+
+
+def patch_view(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Layer input x: (B, C, H, W) -> im2col patches (B, C*kh*kw, L) after the layer's own
+    padding (explicit pre-padding included): the fan-in axis of ``weight.view(C_out, -1)`` at
+    mode 1."""
+    spec = conv_spec_of(module)
+    return layout_view(spec.apply_pre_pad(x), module.kernel_size, spec, "patch")
 
 
 @register_compressed_layer(nn.Conv2d)
@@ -96,6 +105,10 @@ class CompressedConv2d(CompressedLayer, nn.Conv2d):
     def plain_forward(self, x: Tensor) -> Tensor:
         s = self.conv_spec
         return F.conv2d(x, self.weight, self.bias, s.stride, s.padding, s.dilation, s.groups)
+
+    def frozen_forward(self, x: Tensor) -> Tensor:
+        s = self.conv_spec                  # x is pre-padded: the spec's padding is symmetric
+        return frozen_conv2d(x, self.weight, self.bias, s.stride, s.padding, s.dilation, s.groups)
 
     def tucker_forward(self, x: Tensor, factors: list[Optional[Tensor]]) -> Tensor:
         out, _ = TuckerConv2dFunction.apply(x, self.weight, self.bias, self.conv_spec, self.layout,

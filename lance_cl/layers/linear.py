@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.frozen import frozen_linear
 from ..core.linear import TuckerLinearFunction, tucker_linear_grad_weight
 from ..core.tucker import projection_macs
 from .base import CompressedLayer
@@ -21,6 +22,9 @@ class CompressedLinear(CompressedLayer, nn.Linear):
 
     def plain_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def frozen_forward(self, x: Tensor) -> Tensor:
+        return frozen_linear(x, self.weight, self.bias)
 
     def tucker_forward(self, x: Tensor, factors: list[Optional[Tensor]]) -> Tensor:
         if x.shape[-1] != self.in_features:

@@ -27,6 +27,7 @@ from torch import nn
 from ... import wrap
 from ...calibration import Calibration
 from ...core.linalg import check_eps, grow_basis, top_eigenvectors, training_subspace
+from ...core.tucker import core_shape
 from ...layers import CompressedConv2d, CompressedLayer, LayerMode
 from .base import SubspacePlugin, forward_batch
 
@@ -169,8 +170,7 @@ class LanceCLPlugin(SubspacePlugin):
             factors[fan_in_mode] = None
         log["frozen"] = u_fan_in.shape[1] == 0
         calibration.fix_factors(name, factors)
-        per_sample_core = math.prod(n if f is None else f.shape[1]
-                                    for n, f in zip(comp.calibrated_shape.tolist(), factors[1:]))
+        per_sample_core = math.prod(core_shape(comp.calibrated_shape.tolist(), factors[1:]))
         per_sample_input = math.prod(layer.last_input_shape[1:])
         store_input = u_fan_in.shape[1] > 0 and per_sample_core >= per_sample_input
         log["storage"] = "input" if store_input else "core"
