@@ -23,7 +23,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from lance_cl.cl.plugins import GPMPlugin, LanceCLPlugin, SGPPlugin
+from lance_cl.cl.plugins import GPMPlugin, LanceCLPlugin, SGPPlugin, TRGPPlugin
 from lance_cl.cl.protocol import GPMSchedulePlugin
 from lance_cl.core.frozen import frozen_conv2d, frozen_linear
 from lance_cl.models.heads import MultiHeadModule
@@ -115,7 +115,7 @@ def _inputs_in_span(a: Tensor) -> Tensor:
 
 
 @pytest.mark.parametrize("order", ["subspace_first", "schedule_first"])
-@pytest.mark.parametrize("cls", [GPMPlugin, SGPPlugin, LanceCLPlugin])
+@pytest.mark.parametrize("cls", [GPMPlugin, SGPPlugin, LanceCLPlugin, TRGPPlugin])
 def test_task1_outputs_survive_task2_when_best_weights_are_restored(cls, order):
     bm, vals, a = _data()
     subspace = _plugin(cls)
@@ -142,7 +142,7 @@ def test_task1_outputs_survive_task2_when_best_weights_are_restored(cls, order):
     torch.testing.assert_close(_task1_outputs(model, x), before, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("cls", [GPMPlugin, LanceCLPlugin])
+@pytest.mark.parametrize("cls", [GPMPlugin, LanceCLPlugin, TRGPPlugin])
 def test_two_experiences_in_one_train_call_grow_both_bases(cls):
     bm, vals, a = _data()
     # reference: one train() call per experience
