@@ -220,7 +220,7 @@ def test_run_writes_json_table_plot_that_regenerate(pretrained, tmp_path, capsys
     ratio = statistics.fmean(r["memory"]["finetuned_layers"] for r in van) / statistics.fmean(
         r["memory"]["finetuned_layers"] for r in lance)
     assert cells[6] == f"{ratio:.1f}x"
-    step = statistics.fmean(r["time"]["step_median_s"] for r in lance) * 1e3
+    step = statistics.fmean(r["time"]["interleaved_median_s"] for r in lance) * 1e3
     assert len(cells) == 16 and cells[13] == f"{step:.2f}"
 
 
@@ -265,3 +265,23 @@ def test_evaluate_counts_correct_predictions():
     x[:2] = 255
     y = torch.tensor([0, 1, 1, 1])
     assert loop.evaluate(Fixed(), x, y, 2, torch.device("cpu")) == 75.0
+
+
+def test_interleaved_step_times_time_every_model_round_robin():
+    import time
+
+    class Slow(nn.Linear):
+        def forward(self, x):
+            time.sleep(0.02)
+            return super().forward(x)
+
+    calls = []
+    fast, slow = nn.Linear(4, 2), Slow(4, 2)
+    fast.register_forward_pre_hook(lambda *a: calls.append("fast"))
+    slow.register_forward_pre_hook(lambda *a: calls.append("slow"))
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 0])
+    times = loop.interleaved_step_times({"fast": fast, "slow": slow}, x, y, repeats=4, warmup=1)
+    assert set(times) == {"fast", "slow"} and times["slow"] >= 0.02 > times["fast"]
+    # warm-up, then rotating starts: fast-slow, slow-fast, ...
+    assert calls == ["fast", "slow", "fast", "slow", "slow", "fast", "fast", "slow", "slow", "fast"]
+    assert fast.weight.grad is None and slow.weight.grad is None

@@ -26,7 +26,8 @@ from .data import FinetuneData, model_input
 from .protocol import FinetuneConfig, method_options
 
 __all__ = ["EpochProgress", "batch_order", "evaluate", "finetuned_layer_names", "freeze_except",
-           "gradient_agreement", "prepare_model", "run_method", "set_finetune_mode"]
+           "gradient_agreement", "interleaved_step_times", "prepare_model", "run_method",
+           "set_finetune_mode"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -176,11 +177,40 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y
     return float(loss.detach())
 
 
+def interleaved_step_times(models: dict[str, nn.Module], x: Tensor, y: Tensor, repeats: int = 20,
+                           warmup: int = 2) -> dict[str, float]:
+    """Median seconds of one step (zero_grad, forward, loss, backward) per model, the models
+    timed round-robin with a rotating start so a busy machine slows every one alike.
+    x: (B, 3, S, S), y: (B,)."""
+    def step(model: nn.Module) -> float:
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter() - start
+
+    for model in models.values():
+        set_finetune_mode(model)
+        for _ in range(warmup):
+            step(model)
+    names = list(models)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(repeats):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].append(step(models[name]))
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
 def run_method(base: nn.Module, method: str, names: Sequence[str], data: FinetuneData,
                config: FinetuneConfig, seed: int, *, label: str = "",
-               progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``names`` of a copy of ``base`` with ``method``; returns the run's record
-    (accuracy per epoch, memory, FLOPs, time, ranks, gradient agreement). Raises on failure."""
+               progress: bool = True) -> tuple[dict[str, Any], nn.Module]:
+    """Fine-tune ``names`` of a copy of ``base`` with ``method``. Returns the run's record
+    (accuracy per epoch, memory, FLOPs, time, ranks, gradient agreement) and the fine-tuned
+    model. Raises on failure."""
     device = torch.device(config.device)
     size, bs = config.image_size, config.batch_size
     n = data.train_x.shape[0]
@@ -239,7 +269,7 @@ def run_method(base: nn.Module, method: str, names: Sequence[str], data: Finetun
     frozen = [nm for nm, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
               and nm not in names]
     timed = step_times[2:] if len(step_times) > 4 else step_times
-    return {
+    record = {
         "layers": list(names), "compressed_layers": compressed, "options": options,
         "accuracy": epochs[-1]["test_accuracy"],
         "best_accuracy": max(e["test_accuracy"] for e in epochs if e["test_accuracy"] is not None),
@@ -260,3 +290,4 @@ def run_method(base: nn.Module, method: str, names: Sequence[str], data: Finetun
         "gradient": agreement,
         "trainable_parameters": sum(p.numel() for p in params),
     }
+    return record, model

@@ -16,8 +16,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .data import load_finetune_data, model_input
-from .loop import batch_order, evaluate, finetuned_layer_names, run_method
+from .data import FinetuneData, load_finetune_data, model_input
+from .loop import (batch_order, evaluate, finetuned_layer_names, interleaved_step_times,
+                   run_method)
 from .models import build_backbone, reset_head
 from .protocol import FinetuneConfig
 from .results import write_outputs
@@ -40,6 +41,21 @@ def machine_info() -> dict[str, Any]:
 
 def _config_dict(config: FinetuneConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _time_interleaved(runs: list[dict[str, Any]], models: dict[str, Any], data: FinetuneData,
+                      config: FinetuneConfig, seed: int) -> None:
+    """Step time of the fine-tuned models of one (seed, layers) group, timed round-robin on the
+    first training batch: ``time.interleaved_median_s`` of each run (what the table shows)."""
+    if not models:
+        return
+    idx = batch_order(data.train_x.shape[0], config.batch_size, seed, 0)[0][0]
+    device = torch.device(config.device)
+    x = model_input(data.train_x[idx], config.image_size).to(device)
+    medians = interleaved_step_times(models, x, data.train_y[idx].to(device))
+    for run in runs:
+        if run["method"] in medians:
+            run["time"]["interleaved_median_s"] = medians[run["method"]]
 
 
 def run_finetune(config: FinetuneConfig, out: Optional[str | Path] = None, *, progress: bool = True,
@@ -67,12 +83,14 @@ def run_finetune(config: FinetuneConfig, out: Optional[str | Path] = None, *, pr
             reset_head(base, config.model, seed)
             for spec in config.layers:
                 names = finetuned_layer_names(base, spec, example)
+                trained: dict[str, Any] = {}
                 for method in methods:
                     label = f"layers {spec} / {method} / seed {seed}"
                     run: dict[str, Any] = {"layers_spec": str(spec), "method": method, "seed": seed}
                     try:
-                        run.update(status="ok", **run_method(base, method, names, data, config, seed,
-                                                             label=label, progress=progress))
+                        record, trained[method] = run_method(base, method, names, data, config,
+                                                             seed, label=label, progress=progress)
+                        run.update(status="ok", **record)
                     except Exception as e:  # one broken method must not stop the others
                         run.update(status="failed", layers=names, error=f"{type(e).__name__}: {e}")
                         print(f"lance-cl finetune: {label} failed: {run['error']}", file=sys.stderr)
@@ -80,6 +98,7 @@ def run_finetune(config: FinetuneConfig, out: Optional[str | Path] = None, *, pr
                     result["elapsed_s"] = time.perf_counter() - started
                     if out is not None:
                         write_outputs(result, out, plot=False)
+                _time_interleaved(result["runs"][-len(methods):], trained, data, config, seed)
         if out is not None:
             write_outputs(result, out)
         return result
