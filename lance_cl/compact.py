@@ -45,7 +45,9 @@ def _recomputed_forward(module: nn.Module, forward, *args, **kwargs) -> Tensor:
     if len(args) != 1 or kwargs:
         raise TypeError(f"a recomputed segment takes one tensor input; {type(module).__name__} got "
                         f"{len(args)} positional and {len(kwargs)} keyword arguments")
-    return recompute_segment(forward, args[0], module)
+    # a Sequential applies its children in order: a conv -> BatchNorm -> per-sample one is chunked
+    modules = tuple(module) if isinstance(module, nn.Sequential) else None
+    return recompute_segment(forward, args[0], module, modules=modules)
 
 
 def _is_recomputed(module: nn.Module) -> bool:

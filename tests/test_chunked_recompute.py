@@ -141,6 +141,25 @@ def test_compacted_alexnet_stem_is_chunked_and_exact():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11)
 
 
+def test_a_recomputed_sequential_submodule_is_chunked_and_exact():
+    torch.manual_seed(6)
+    plain = nn.Sequential(nn.Sequential(nn.Conv2d(3, 6, 3, stride=2), nn.BatchNorm2d(6), nn.ReLU6()),
+                          nn.Conv2d(6, 4, 3), nn.Flatten()).double()
+    model = copy.deepcopy(plain)
+    lance_cl.compact_activations(model, recompute=["0"])
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = model(x)
+    assert saved.count((5, 6, 7, 7)) == 1     # the next conv's input; no x_hat of the stem's
+    out.square().sum().backward()
+    plain(x).square().sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    for a, b in zip(model.buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
 def test_a_compressed_conv_in_the_block_keeps_its_own_weight_gradient():
     """LANCE's conv1 inside the chunked stem: the same gradients as the whole-batch recompute."""
     from lance_cl.models import AlexNet5
