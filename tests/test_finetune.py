@@ -285,3 +285,18 @@ def test_interleaved_step_times_time_every_model_round_robin():
     # warm-up, then rotating starts: fast-slow, slow-fast, ...
     assert calls == ["fast", "slow", "fast", "slow", "slow", "fast", "fast", "slow", "slow", "fast"]
     assert fast.weight.grad is None and slow.weight.grad is None
+
+
+def test_cifar10_dev_halves_are_classes_0_4_and_5_9_renumbered():
+    from lance_cl.data import default_data_root, load_cifar
+
+    root = default_data_root()
+    if not (root / "cifar10-dev" / "cifar-10-batches-py" / "test_batch").is_file():
+        pytest.skip("the CIFAR-10 development split is not on this machine")
+    images, labels = load_cifar("cifar10", root / "cifar10-dev", train=False)
+    last = ft_data.load_finetune_data("cifar10-dev-last5", root, train_limit=10)
+    first = ft_data.load_finetune_data("cifar10-dev-first5", root, train_limit=10)
+    assert last.n_classes == first.n_classes == 5 and last.train_x.shape == (10, 3, 32, 32)
+    assert torch.equal(last.test_x, images[labels >= 5]) and torch.equal(last.test_y, labels[labels >= 5] - 5)
+    assert torch.equal(first.test_y, labels[labels < 5])
+    assert last.info["test_images"] == int((labels >= 5).sum())
