@@ -55,6 +55,7 @@ def test_truncated_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatc
     assert calls.train_calls == 5 - (K - 1)   # the task after the previous checkpoint is trained again
     _assert_same_run(resumed, uninterrupted)
     assert ckpt.with_name(ckpt.name + ".corrupt").is_file()
+    assert torch.load(previous_checkpoint_path(ckpt), weights_only=False)["completed_tasks"] == 4
     assert json.loads(result_path(tmp_path, "split_digits", "naive", 0).read_text())["status"] == "complete"
 
 

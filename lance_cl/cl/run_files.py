@@ -216,8 +216,8 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> Optional[dict[str, An
     """The newest readable checkpoint of the run with ``config``, or None (start from task 0).
 
     Reads ``path``; when it exists but is unreadable (truncated, damaged), reads the previous
-    checkpoint ``<path>.prev`` instead and moves the damaged file aside to ``*.corrupt`` with
-    a :class:`RunFileWarning` naming both. No ``path`` means no checkpoint, and a readable
+    checkpoint ``<path>.prev`` instead, moves the damaged file aside to ``*.corrupt`` with a
+    :class:`RunFileWarning` naming both, and renames the previous checkpoint to ``path``. No ``path`` means no checkpoint, and a readable
     checkpoint of another config (other epochs, quick or not) is not used: None. Raises
     :class:`RunFileError`, touching nothing, when neither file can be read: starting over
     would rewrite the finished tasks."""
@@ -238,6 +238,9 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> Optional[dict[str, An
             _move_aside(bad, error, "checkpoint",
                         f"resuming from {candidate} (after task {data['completed_tasks']}); the "
                         f"tasks after it are trained again")
+        if candidate != path:   # the previous checkpoint is the newest good one again
+            os.replace(candidate, path)
+            _fsync_dir(path.parent)
         return data
     listing = "; ".join(f"{bad} ({error})" for bad, error in damaged)
     raise RunFileError(
