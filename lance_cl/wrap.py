@@ -198,7 +198,7 @@ def report(model: nn.Module) -> CompressionReport:
         shape = layer.last_input_shape
         rows.append(LayerReport(
             name=name, kind=layer.plain_type.__name__, method=layer.compressor.name,
-            layout=getattr(layer, "layout", None), input_shape=shape,
+            layout=layer.layout, input_shape=shape,
             ranks=layer.compressor.ranks(), bytes_before=before, bytes_after=after))
     return rows
 

@@ -53,6 +53,7 @@ class CompressedLayer(nn.Module):
     layer_name: str
     mode: LayerMode = LayerMode.COMPRESSED
     last_input_shape: Optional[tuple[int, ...]] = None    # prepared input (B, ...) of the last step
+    layout: Optional[str] = None      # the activation view's layout, for layer types that have several
 
     @classmethod
     def from_module(cls, module: nn.Module, layer_name: str, method: str,
