@@ -23,6 +23,7 @@ from torch import nn
 from ..cl.plugins import codecl, trgp
 from ..cl.plugins import GPMPlugin, LanceCLPlugin, ResumableAGEMPlugin, SGPPlugin
 from ..cl.sizes import dataset_bytes, parameter_bytes, tensor_bytes
+from ..cl.subspace import head_layer_names
 
 
 @dataclass(frozen=True)
@@ -137,16 +138,14 @@ def quiet_evaluator() -> EvaluationPlugin:
 
 
 def build_strategy(name: str, model: nn.Module, spec: Any, *, device: str = "cpu",
-                   epochs: Optional[int] = None, extra_plugins: Sequence = (),
-                   overrides: Optional[dict] = None):
+                   epochs: Optional[int] = None, extra_plugins: Sequence = ()):
     """Avalanche strategy for recipe ``name`` on ``model`` with ``spec.defaults`` (lr, batch_size,
-    epochs, eps, eps_step, alpha, ...), optionally overridden. ``name`` may end in ``+compact``
+    epochs, eps, eps_step, alpha, ...; ``spec`` may also be that dict). ``name`` may end in ``+compact``
     or ``+plain`` (see :func:`parse_strategy`); with compaction the model's ReLU, dropout,
     max-pool and BatchNorm modules save compact tensors (:func:`lance_cl.compact_activations`
     with :func:`compaction_options`), which leaves every gradient exact at the default options."""
     recipe, compact = parse_strategy(name)
     defaults = dict(getattr(spec, "defaults", spec) or {})
-    defaults.update(overrides or {})
     if compact:
         from lance_cl.compact import compact_activations
 
@@ -162,9 +161,9 @@ def build_strategy(name: str, model: nn.Module, spec: Any, *, device: str = "cpu
 
 
 def head_bytes(model: nn.Module) -> int:
-    """Bytes of task-specific head parameters (kept by every method)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-               if n.startswith("heads") or ".heads." in n)
+    """Bytes of the task heads' parameters (kept by every method; the heads of
+    :func:`lance_cl.cl.subspace.head_layer_names`)."""
+    return sum(parameter_bytes(model.get_submodule(name)) for name in head_layer_names(model))
 
 
 # -- what each method keeps: plugins report it themselves, Avalanche's through an adapter ----------
