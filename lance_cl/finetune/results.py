@@ -79,13 +79,11 @@ def _fmt_x(r: Optional[float], digits: int = 2) -> str:
     return "-" if r is None else f"{r:.{digits}f}x"
 
 
-def _fmt_ranks(ranks: dict[str, list]) -> str:
-    parts = []
-    for name, rs in ranks.items():
-        text = ",".join("-" if r is None else str(r) for r in rs) if rs and any(
-            r is not None for r in rs) else "full"
-        parts.append(f"{name}: {text}")
-    return "; ".join(parts)
+def _fmt_rank_list(ranks: Sequence[Optional[int]]) -> str:
+    """[None, 16, 2, 2] -> "-,16,2,2"; no compressed mode -> "full"."""
+    if not ranks or all(r is None for r in ranks):
+        return "full"
+    return ",".join("-" if r is None else str(r) for r in ranks)
 
 
 def render_table(result: dict[str, Any]) -> str:
@@ -144,7 +142,7 @@ def render_table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {key[0]} | {key[1]} | {run['seed']} | {name} | "
                 f"{'x'.join(map(str, shape)) if shape else '?'} | "
-                f"{','.join('-' if r is None else str(r) for r in ranks) or 'full'} | "
+                f"{_fmt_rank_list(ranks)} | "
                 f"{_fmt_bytes(run['memory']['per_layer'][name])} | "
                 f"{run['gradient'][name]['angle_deg']:.1f}° |")
     return "\n".join(lines) + "\n"
