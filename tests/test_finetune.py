@@ -300,3 +300,25 @@ def test_cifar10_dev_halves_are_classes_0_4_and_5_9_renumbered():
     assert torch.equal(last.test_x, images[labels >= 5]) and torch.equal(last.test_y, labels[labels >= 5] - 5)
     assert torch.equal(first.test_y, labels[labels < 5])
     assert last.info["test_images"] == int((labels >= 5).sum())
+
+
+def test_torchvision_resnet18_from_a_local_state_dict_fine_tunes_its_last_layers(tmp_path):
+    import lance_cl
+
+    source, _ = build_backbone("resnet18", 10)          # "pretrained here", saved as a state_dict
+    path = tmp_path / "resnet18.pt"
+    torch.save(source.state_dict(), path)
+    model, info = build_backbone("resnet18", 7, str(path))
+    assert info["skipped_keys"] == ["fc.weight", "fc.bias"] and model.fc.out_features == 7
+    torch.testing.assert_close(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 6])
+    names = loop.finetuned_layer_names(model, 4, x)
+    assert names == ["layer4.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2", "fc"]
+    tuned, _ = loop.prepare_model(model, "vanilla", names, {}, [], x)
+    loop.set_finetune_mode(tuned)
+    mem = lance_cl.measure_activation_memory(tuned, x, lambda o: F.cross_entropy(o, y), layers=names)
+    frozen = [n for n, m in tuned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in names]
+    assert sum(mem["per_layer"].get(n, 0) for n in frozen) == 0
+    F.cross_entropy(tuned(x), y).backward()
+    assert all((p.grad is not None) == any(n.startswith(f + ".") for f in names)
+               for n, p in tuned.named_parameters())
