@@ -188,3 +188,9 @@ def test_local_cores() -> None:
 
     n = sweep.local_cores()
     assert 1 <= n <= (os.cpu_count() or n)
+
+
+def test_paths_reach_workers_as_the_driver_means_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sweep._anchored("runs") == str(tmp_path.resolve() / "runs")
+    assert sweep._anchored("/data/x") == "/data/x" and sweep._anchored("~/data") == "~/data"

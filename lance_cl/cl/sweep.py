@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 
 __all__ = [
     "FAULT_ENV",
+    "FORWARDED_ENV",
     "RAY_INSTALL_HINT",
     "RayUnavailableError",
     "SweepOutcome",
@@ -46,6 +47,8 @@ RAY_INSTALL_HINT = 'pip install "lance-cl[ray]"'
 # that run exit abruptly after k finished tasks, once (the marker file records that it happened).
 FAULT_ENV = "LANCE_CL_SWEEP_FAULT"
 DEFAULT_MAX_RETRIES = 3
+# read by the benchmarks (default data root, downloads): the driver's values go to every task
+FORWARDED_ENV = ("LANCE_CL_DATA", "LANCE_CL_DOWNLOAD")
 
 
 class RayUnavailableError(ImportError):
@@ -129,17 +132,18 @@ def _crash_once(run: SweepRun, options: dict[str, Any], fault: tuple[str, int, s
     os._exit(17)
 
 
-def _run_task(run: SweepRun, options: dict[str, Any], torch_threads: int,
+def _run_task(run: SweepRun, options: dict[str, Any], torch_threads: int, env: dict[str, str],
               fault: Optional[tuple[str, int, str]] = None) -> dict[str, Any]:
     """Body of one Ray task: ``{"run": results dict or None, "error": None or "Type: message"}``.
 
     An exception of the run is returned, not raised (Ray retries only dead workers); the failed
-    run's JSON, which the runner wrote before re-raising, travels back with it.
+    run's JSON, which the runner wrote before re-raising (status "failed"), travels back with it.
     """
     import torch
 
     from .runner import result_path, run_experiment
 
+    os.environ.update(env)   # the driver's data settings, also on other nodes
     torch.set_num_threads(max(1, int(torch_threads)))   # the benchmark's or --threads win over it
     if fault is not None:
         _crash_once(run, options, fault)
@@ -152,6 +156,8 @@ def _run_task(run: SweepRun, options: dict[str, Any], torch_threads: int,
             failed = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             failed = None
+        if not isinstance(failed, dict) or failed.get("status") != "failed":
+            failed = None   # failed before the runner wrote anything: not an older run's file
         return {"run": failed, "error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -171,6 +177,13 @@ def start_over(out_dir: Union[str, Path], runs: Iterable[SweepRun]) -> list[Path
                 path.unlink()
                 deleted.append(path)
     return deleted
+
+
+def _anchored(path: Union[str, Path]) -> str:
+    """A relative path made absolute from this directory; absolute and ``~`` paths as given
+    (``~`` is each node's home)."""
+    text = str(path)
+    return text if text.startswith("~") or Path(text).is_absolute() else str(Path(text).resolve())
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -196,8 +209,11 @@ def _start_ray(ray: Any, *, slots: Optional[int], address: Optional[str], gpus_p
     if address:
         ray.init(address=address, **quiet)
     else:
-        # address="local": a fresh instance even when RAY_ADDRESS points elsewhere
-        ray.init(address="local", num_cpus=slots, object_store_memory=200 * 2**20, **quiet)
+        # address="local": a fresh instance even when RAY_ADDRESS points elsewhere. Ray starts its
+        # workers at niceness 15, which on a busy machine starves them next to any ordinary
+        # process (a sequential run among them); the runs are the work here, so niceness 0.
+        ray.init(address="local", num_cpus=slots, object_store_memory=200 * 2**20,
+                 _system_config={"worker_niceness": 0}, **quiet)
         if gpus_per_run > 0 and ray.cluster_resources().get("GPU", 0) < gpus_per_run:
             ray.shutdown()
             raise RuntimeError(f"--gpus-per-run {gpus_per_run:g}: Ray sees no GPU on this machine "
@@ -276,6 +292,10 @@ def run_sweep(
         start_over(options["out_dir"], runs)   # once: the tasks resume, so a retry keeps its progress
     options["resume"] = True
 
+    for key in ("out_dir", "data_root"):   # a worker's current directory is not the driver's
+        if options.get(key) is not None:
+            options[key] = _anchored(options[key])
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     fault = _parse_fault(os.environ.get(FAULT_ENV))
     threads = options.get("threads")
     if ray_address:
@@ -298,7 +318,7 @@ def run_sweep(
         while queue or pending:
             while queue and len(pending) < in_flight:
                 run = queue.pop(0)
-                pending[task.remote(run, options, torch_threads, fault)] = run
+                pending[task.remote(run, options, torch_threads, env, fault)] = run
             ready, _ = ray.wait(list(pending), num_returns=1)
             run = pending.pop(ready[0])
             try:
