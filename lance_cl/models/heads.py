@@ -99,12 +99,19 @@ class MultiHeadModule(nn.Module):
         "stem" where the model defines ``stem(x)``, the block that reads the input batch."""
         return ("stem",) if callable(getattr(self, "stem", None)) else ()
 
+    def segment_modules(self, name: str) -> Optional[tuple[nn.Module, ...]]:
+        """The modules segment ``name`` applies in order, when the model declares them in
+        ``segment_chains`` (then ``fn(x)`` is their composition): a conv, a BatchNorm and
+        per-sample ops are recomputed one batch chunk at a time."""
+        names = getattr(self, "segment_chains", {}).get(name)
+        return None if names is None else tuple(getattr(self, n) for n in names)
+
     def run_segment(self, name: str, fn, x: Tensor) -> Tensor:
         """``fn(x)``, recomputed in backward when ``name`` is in ``self.recomputed_segments``."""
         if name in getattr(self, "recomputed_segments", ()):
             from ..core.compact import recompute_segment
 
-            return recompute_segment(fn, x, self)
+            return recompute_segment(fn, x, self, modules=self.segment_modules(name))
         return fn(x)
 
     def features(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
