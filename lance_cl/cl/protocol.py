@@ -21,6 +21,8 @@ from avalanche.models import avalanche_forward
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..train_modes import preserved_train_modes
+
 __all__ = [
     "GPMSchedulePlugin",
     "evaluate_accuracy",
@@ -82,15 +84,6 @@ def mixed_loader(dataset: Any, batch_size: int, seed: int = 0) -> DataLoader:
 
 
 
-def _modes(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
-
-
-def _restore_modes(modes: dict[nn.Module, bool]) -> None:
-    for m, training in modes.items():
-        m.training = training
-
-
 @torch.no_grad()
 def evaluate_accuracy(
     model: nn.Module,
@@ -106,10 +99,9 @@ def evaluate_accuracy(
     Forward through ``avalanche_forward`` (task labels reach multi-task models). The model's
     per-module train/eval flags are restored afterwards.
     """
-    modes = _modes(model)
-    model.eval()
     total, correct, loss_sum = 0, 0, 0.0
-    try:
+    with preserved_train_modes(model):
+        model.eval()
         for batch in mixed_loader(dataset, batch_size):
             x, y = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
             if len(batch) >= 3:
@@ -120,8 +112,6 @@ def evaluate_accuracy(
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(dim=1) == y).sum())
             total += int(y.shape[0])
-    finally:
-        _restore_modes(modes)
     if total == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     return loss_sum / total, 100.0 * correct / total

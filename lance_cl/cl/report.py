@@ -23,6 +23,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from ..accounting import format_bytes
+
 __all__ = [
     "METRICS",
     "aggregate",
@@ -118,16 +120,6 @@ def aggregate(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             row["accuracy_matrix"] = []
         rows.append(row)
     return rows
-
-
-def format_bytes(n: Optional[float]) -> str:
-    """1536 -> '1.50 KiB' (binary units); None -> '-'."""
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def _cell(stat: dict[str, Any], kind: str) -> str:

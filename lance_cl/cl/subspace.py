@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..core.conv2d import ConvSpec, layout_view
 from ..core.linalg import mode_gram
+from ..train_modes import preserved_train_modes
 
 DEFAULT_EXCLUDE = ("heads", "heads.*", "*.heads.*", "classifier*", "*.classifier*")
 
@@ -98,21 +99,20 @@ def collect_fan_in_grams(model: nn.Module, names: Sequence[str], batches: Iterab
             g = mode_gram(fan_in_view(mod, inputs[0].detach()).to(torch.float64), 1)
             grams[name] = g if name not in grams else grams[name] + g
         handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     seen = 0
     try:
-        for batch in batches:
-            if max_samples is not None:
-                if seen >= max_samples:
-                    break
-                batch = [b[: max_samples - seen] for b in batch]
-            forward(model, batch)
-            seen += len(batch[0])
+        with preserved_train_modes(model):
+            model.eval()
+            for batch in batches:
+                if max_samples is not None:
+                    if seen >= max_samples:
+                        break
+                    batch = [b[: max_samples - seen] for b in batch]
+                forward(model, batch)
+                seen += len(batch[0])
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return grams
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lance_cl
+from ..train_modes import preserved_train_modes
 from ..wrap import compressed_layers, execution_order
 from .data import FinetuneData, model_input
 from .protocol import FinetuneConfig, method_options
@@ -100,14 +101,12 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> tuple[list[Te
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, image_size: int, device: torch.device,
              batch_size: int = 256) -> float:
     """Top-1 accuracy in percent. x: uint8 (N, 3, H, W), y: (N,)."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    with torch.no_grad():
+    with torch.no_grad(), preserved_train_modes(model):
+        model.eval()
         for i in range(0, x.shape[0], batch_size):
             out = model(model_input(x[i:i + batch_size], image_size).to(device))
             correct += int((out.argmax(1).cpu() == y[i:i + batch_size]).sum())
-    model.train(was_training)
     return 100.0 * correct / max(1, x.shape[0])
 
 

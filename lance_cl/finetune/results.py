@@ -12,6 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..accounting import format_bytes
+
 __all__ = ["load_result", "plot_accuracy_vs_memory", "render_table", "summarize", "write_outputs"]
 
 
@@ -66,15 +68,6 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
 def _fmt_x(r: Optional[float], digits: int = 2) -> str:
     return "-" if r is None else f"{r:.{digits}f}x"
 
@@ -120,9 +113,9 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {e['layers_spec']} | {e['method']} | {seeds} | {e['accuracy']:.2f} ± "
             f"{e['accuracy_std']:.2f} | {'-' if delta is None else f'{delta:+.2f}'} "
-            f"| {_fmt_bytes(e['finetuned_bytes'])} | {_fmt_x(e.get('finetuned_bytes_ratio'), 1)} "
-            f"| {_fmt_bytes(e['whole_step_bytes'])} | {_fmt_x(e.get('whole_step_bytes_ratio'))} "
-            f"| {_fmt_bytes(e['peak_step_bytes'])} | {_fmt_x(e.get('peak_step_bytes_ratio'))} "
+            f"| {format_bytes(e['finetuned_bytes'])} | {_fmt_x(e.get('finetuned_bytes_ratio'), 1)} "
+            f"| {format_bytes(e['whole_step_bytes'])} | {_fmt_x(e.get('whole_step_bytes_ratio'))} "
+            f"| {format_bytes(e['peak_step_bytes'])} | {_fmt_x(e.get('peak_step_bytes_ratio'))} "
             f"| {e['flops'] / 1e6:.2f} M | {_fmt_x(e.get('flops_ratio'), 3)} "
             f"| {e['step_s'] * 1e3:.2f} | {_fmt_x(e.get('step_s_ratio'))} | {e['angle_deg']:.1f}° |")
     lines += ["", "Per fine-tuned layer (first seed of each row): ranks per mode (batch, channel, "
@@ -143,7 +136,7 @@ def render_table(result: dict[str, Any]) -> str:
                 f"| {key[0]} | {key[1]} | {run['seed']} | {name} | "
                 f"{'x'.join(map(str, shape)) if shape else '?'} | "
                 f"{_fmt_rank_list(ranks)} | "
-                f"{_fmt_bytes(run['memory']['per_layer'][name])} | "
+                f"{format_bytes(run['memory']['per_layer'][name])} | "
                 f"{run['gradient'][name]['angle_deg']:.1f}° |")
     return "\n".join(lines) + "\n"
 

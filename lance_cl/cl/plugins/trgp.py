@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from ...core.linalg import check_eps, grow_basis
 from ...core.tucker import compact
+from ...train_modes import preserved_train_modes
 from .base import forward_batch
 from .gpm import GPMPlugin
 
@@ -304,10 +305,9 @@ class TRGPPlugin(GPMPlugin):
         names = self.protected_names(model)
         weights = self.protected_weights(model)
         grads = [torch.zeros_like(w) for w in weights]
-        was_training = model.training
-        model.eval()
         seen = 0
-        try:
+        with preserved_train_modes(model):
+            model.eval()
             for batch in self._device_batches(self.task_loader(strategy), strategy.device):
                 batch = [b[: self.selection_samples - seen] for b in batch]
                 loss = strategy._criterion(forward_batch(model, batch), batch[1]) * len(batch[0])
@@ -316,8 +316,6 @@ class TRGPPlugin(GPMPlugin):
                 seen += len(batch[0])
                 if seen >= self.selection_samples:
                     break
-        finally:
-            model.train(was_training)
         return {n: (g / max(seen, 1)).reshape(g.shape[0], -1) for n, g in zip(names, grads)}
 
     def prepare_task(self, strategy) -> None:

@@ -10,13 +10,14 @@ recomputed segment updates them once, as a stored one does.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from ...train_modes import preserved_buffers
 from .chunked import ChunkedBlock, chunked_block
 
 
@@ -37,19 +38,6 @@ class _KeepAlive(torch.autograd.Function):
         return grad_output, None
 
 
-@contextlib.contextmanager
-def _frozen_running_stats(modules: list[nn.Module]) -> Iterator[None]:
-    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None}
-             for m in modules]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, buffers in zip(modules, saved):
-                for k, v in buffers.items():
-                    getattr(m, k).copy_(v)
-
-
 def recompute_segment(fn: Callable[[Tensor], Tensor], x: Tensor, owner: nn.Module,
                       modules: Optional[Sequence[nn.Module]] = None, chunks: int = 8) -> Tensor:
     """``fn(x)`` whose internal activations are recomputed in backward. ``owner``: a module that
@@ -65,6 +53,6 @@ def recompute_segment(fn: Callable[[Tensor], Tensor], x: Tensor, owner: nn.Modul
         return chunked_block(x, block)
     norms = [m for m in owner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
-    context = (lambda: (contextlib.nullcontext(), _frozen_running_stats(norms)))
+    context = (lambda: (contextlib.nullcontext(), preserved_buffers(norms)))
     y = checkpoint(fn, x, use_reentrant=False, preserve_rng_state=True, context_fn=context)
     return _KeepAlive.apply(y, x)
