@@ -187,11 +187,11 @@ def _anchored(path: Union[str, Path]) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic write in the runner's layout (indent 2, strict JSON, final newline)."""
+    """The runner's atomic, fsynced write of a run JSON (the driver's copy of a worker's file)."""
+    from .run_files import write_json_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.driver{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _ray_error(exc: BaseException) -> str:

@@ -12,15 +12,23 @@ import torch
 from torch import Tensor
 
 _GATHER = 0x0102040810204080
-_TABLES: dict[torch.device, Tensor] = {}
+
+
+def _bit_table() -> Tensor:
+    """(256,) int64 whose 8 bytes are the bits of the index, least significant first."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+    return bits.to(torch.uint8).view(torch.int64).view(-1)
+
+
+# built at import, so that its 2 KiB never land in the peak memory of a process's first step
+_TABLES: dict[torch.device, Tensor] = {torch.device("cpu"): _bit_table()}
 
 
 def _unpack_table(device: torch.device) -> Tensor:
-    """(256,) int64 whose 8 bytes are the bits of the index, least significant first."""
+    """The table of :func:`_bit_table` on ``device``."""
     table = _TABLES.get(device)
     if table is None:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        table = _TABLES[device] = bits.to(torch.uint8).view(torch.int64).view(-1).to(device)
+        table = _TABLES[device] = _TABLES[torch.device("cpu")].to(device)
     return table
 
 
