@@ -20,6 +20,7 @@ maximum is the peak (requested sizes, no allocator overhead).
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable, Optional, Sequence
@@ -189,6 +190,10 @@ class _StepPeak:
                 warnings.warn("a profiler session is already running: peak step memory not measured",
                               RuntimeWarning, stacklevel=3)
             else:
+                # one session per measured step: without this, libkineto prints two "USDT
+                # profiler_start/stop" lines and a CUDA-probe "ERROR" line for each on stderr
+                # (a user's own KINETO_LOG_LEVEL wins)
+                os.environ.setdefault("KINETO_LOG_LEVEL", "6")
                 self._prof = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
                 self._prof.__enter__()
