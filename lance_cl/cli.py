@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Optional, Sequence
 
 
@@ -53,6 +54,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(args_list)
+    # Avalanche imports qpsolvers, which warns that no QP solver is installed; only GEM needs
+    # one, and no lance-cl command uses GEM
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
     return int(args.handler(args, args_list) or 0)
 
 
