@@ -14,7 +14,14 @@ from torch.autograd.graph import saved_tensors_hooks
 import lance_cl
 from lance_cl.accounting import measure_peak_step_memory
 from lance_cl.core.compact import recompute_segment
-from lance_cl.core.compact.chunked import ChunkedBlock, chunked_block
+from lance_cl.core.compact import recompute as recompute_module
+from lance_cl.core.compact.chunked import ChunkedBlock, chunk_count, chunked_block
+
+
+@pytest.fixture
+def always_chunk(monkeypatch):
+    """Chunk every chunkable block, however small its feature maps (the tests' shapes are)."""
+    monkeypatch.setattr(recompute_module, "CHUNK_BYTES", 1)
 
 
 def _block(train: bool, affine: bool, bias: bool, stride: int, padding: int, tail: str):
@@ -123,7 +130,30 @@ def test_models_declare_their_stem_chain(name):
     torch.testing.assert_close(chained, model.stem(x), rtol=0, atol=0)
 
 
-def test_compacted_alexnet_stem_is_chunked_and_exact():
+def test_chunk_count_keeps_chunks_near_the_byte_target():
+    conv = nn.Conv2d(3, 64, 4)                                   # 32 -> 29
+    x = torch.empty(64, 3, 32, 32)
+    out_bytes = 64 * 64 * 29 * 29 * 4                            # 13.1 MiB
+    assert chunk_count(conv, x, 8, 4 << 20) == -(-out_bytes // (4 << 20)) == 4
+    assert chunk_count(conv, x, 8, 1 << 20) == 8                 # capped at max_chunks
+    assert chunk_count(conv, x[:3], 8, 1) == 3                   # at most one per sample
+    assert chunk_count(conv, x, 8, out_bytes) == 1               # small enough: whole
+    strided = nn.Conv2d(3, 8, 3, stride=2, padding=1)            # 32 -> 16
+    assert chunk_count(strided, x, 64, 64 * 8 * 16 * 4) == 16
+    assert chunk_count(nn.Conv2d(3, 8, 3, padding="same"), x, 64, 64 * 8 * 32 * 4) == 32
+
+
+def test_a_small_stem_is_recomputed_whole():
+    """Below two CHUNK_BYTES of conv output the block is not chunked: no random state saved."""
+    modules = [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()]
+    x = torch.randn(4, 3, 8, 8)
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append((t.dtype, t.data_ptr())) or t, lambda t: t):
+        recompute_segment(nn.Sequential(*modules), x, nn.Sequential(*modules), modules=modules)
+    assert set(saved) == {(torch.float32, x.data_ptr())}          # x only, no random state
+
+
+def test_compacted_alexnet_stem_is_chunked_and_exact(always_chunk):
     from lance_cl.models import AlexNet5
 
     torch.manual_seed(3)
@@ -141,7 +171,7 @@ def test_compacted_alexnet_stem_is_chunked_and_exact():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11)
 
 
-def test_a_recomputed_sequential_submodule_is_chunked_and_exact():
+def test_a_recomputed_sequential_submodule_is_chunked_and_exact(always_chunk):
     torch.manual_seed(6)
     plain = nn.Sequential(nn.Sequential(nn.Conv2d(3, 6, 3, stride=2), nn.BatchNorm2d(6), nn.ReLU6()),
                           nn.Conv2d(6, 4, 3), nn.Flatten()).double()
@@ -160,7 +190,7 @@ def test_a_recomputed_sequential_submodule_is_chunked_and_exact():
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
 
 
-def test_a_compressed_conv_in_the_block_keeps_its_own_weight_gradient():
+def test_a_compressed_conv_in_the_block_keeps_its_own_weight_gradient(always_chunk):
     """LANCE's conv1 inside the chunked stem: the same gradients as the whole-batch recompute."""
     from lance_cl.models import AlexNet5
 
@@ -192,7 +222,7 @@ class _Recomputed(nn.Module):
         return recompute_segment(self.seq, x, self.seq, modules=modules, chunks=8)
 
 
-def test_peak_is_below_the_whole_batch_recompute():
+def test_peak_is_below_the_whole_batch_recompute(always_chunk):
     torch.manual_seed(5)
     modules = [nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2)]
     x = torch.randn(32, 3, 32, 32)

@@ -25,6 +25,7 @@ gradient.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -71,6 +72,22 @@ class ChunkedBlock:
         for module in self.tail:
             u = getattr(module, "plain_type", type(module)).forward(module, u)
         return u
+
+
+def chunk_count(conv: nn.Conv2d, x: Tensor, max_chunks: int, chunk_bytes: int) -> int:
+    """Chunks that keep each chunk's conv output near ``chunk_bytes`` (at most ``max_chunks``,
+    at most one per sample; 1: the block is small enough to recompute whole, which is cheaper
+    in time). x: (B, C, H, W)."""
+    spatial = []
+    for i, size in enumerate(x.shape[2:]):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        if conv.padding == "same":
+            spatial.append(size)
+            continue
+        p = 0 if conv.padding == "valid" else conv.padding[i]
+        spatial.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    out_bytes = x.shape[0] * conv.out_channels * math.prod(spatial) * x.element_size()
+    return max(1, min(max_chunks, x.shape[0], math.ceil(out_bytes / max(chunk_bytes, 1))))
 
 
 def _rng_state(x: Tensor) -> Tensor:

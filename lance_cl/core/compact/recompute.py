@@ -10,6 +10,7 @@ recomputed segment updates them once, as a stored one does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -18,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from ...train_modes import preserved_buffers
-from .chunked import ChunkedBlock, chunked_block
+from .chunked import ChunkedBlock, chunk_count, chunked_block
 
 
 class _KeepAlive(torch.autograd.Function):
@@ -38,19 +39,26 @@ class _KeepAlive(torch.autograd.Function):
         return grad_output, None
 
 
+# a chunked block's conv output per chunk: about this many bytes (feature maps smaller than two
+# of these are recomputed whole: chunking them would save little memory and cost time)
+CHUNK_BYTES = 1 << 20
+
+
 def recompute_segment(fn: Callable[[Tensor], Tensor], x: Tensor, owner: nn.Module,
                       modules: Optional[Sequence[nn.Module]] = None, chunks: int = 8) -> Tensor:
     """``fn(x)`` whose internal activations are recomputed in backward. ``owner``: a module that
     contains every module ``fn`` calls (its batch norms keep their running statistics).
     ``modules``: what ``fn`` applies, in order, when known; a conv -> BatchNorm2d -> per-sample
-    chain is then recomputed ``chunks`` batch chunks at a time (:mod:`.chunked`), which keeps one
-    chunk's feature maps alive in backward instead of the whole batch's."""
+    chain whose conv output exceeds two :data:`CHUNK_BYTES` is then recomputed in up to
+    ``chunks`` batch chunks of about that size (:mod:`.chunked`), which keeps one chunk's feature
+    maps alive in backward instead of the whole batch's."""
     if not torch.is_grad_enabled():
         return fn(x)
-    chunks = min(chunks, x.shape[0])
-    block = ChunkedBlock.from_modules(modules, chunks) if modules is not None else None
+    block = ChunkedBlock.from_modules(modules, 2) if modules is not None else None
     if block is not None:
-        return chunked_block(x, block)
+        n = chunk_count(block.conv, x, chunks, CHUNK_BYTES)
+        if n >= 2:
+            return chunked_block(x, dataclasses.replace(block, chunks=n))
     norms = [m for m in owner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
     context = (lambda: (contextlib.nullcontext(), preserved_buffers(norms)))
