@@ -100,7 +100,7 @@ def cosine_fidelity(a: Tensor, b: Tensor) -> dict[str, float]:
 
 def _factor_storage(model: nn.Module) -> dict[str, dict[str, int]]:
     """Per layer: bytes of the stored factors' elements vs the bytes of the storages they keep
-    alive (a truncated view keeps its whole base; SPEC 9)."""
+    alive (a truncated view keeps its whole base)."""
     out = {}
     for name, layer in compressed_layers(model).items():
         comp = layer.compressor

@@ -1,4 +1,4 @@
-"""Activation memory, measured and analytic, peak memory of a step, and per-layer FLOPs (SPEC 3.6).
+"""Activation memory, measured and analytic, peak memory of a step, and per-layer FLOPs (docs/core.md, docs/memory.md).
 
 Measured bytes are the storages autograd really keeps for backward in one training step,
 seen through ``torch.autograd.graph.saved_tensors_hooks`` and deduplicated by storage, so a view

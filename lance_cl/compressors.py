@@ -1,4 +1,4 @@
-"""The compression methods: one object per method and per layer, behind one registry (SPEC 3.3).
+"""The compression methods: one object per method and per layer, behind one registry (docs/core.md).
 
 A method object lives inside a compressed layer (``layer.compressor``) and owns everything that
 depends on the method: which layer types it supports, its training forward (which autograd

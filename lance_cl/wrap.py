@@ -1,4 +1,4 @@
-"""Model-level API: choose layers, swap in compressed versions, calibrate, report (SPEC 3.5)."""
+"""Model-level API: choose layers, swap in compressed versions, calibrate, report (docs/core.md)."""
 from __future__ import annotations
 
 import fnmatch

@@ -218,7 +218,7 @@ def _parts(strategy) -> list[tuple[str, Any]]:
 
 
 def memory_figures(strategy) -> dict[str, int]:
-    """SPEC 4.4 (b) persistent CL state and (c) extra bytes held while training, in bytes.
+    """Persistent CL state and extra bytes held while training (docs/continual.md), in bytes.
 
     Persistent state: task heads plus the method's own state (bases and importances for the
     projection methods; Fisher and anchor weights for EWC; the previous model for LwF; the

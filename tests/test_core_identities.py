@@ -1,4 +1,4 @@
-"""SPEC 3.3 identities for compressed Linear and Conv2d, against vanilla autograd in float64.
+"""The identities of docs/core.md for compressed Linear and Conv2d, against vanilla autograd in float64.
 
 1. Full ranks: grad_weight equals vanilla autograd.
 2. Any ranks: grad_weight equals the exact gradient for the reconstructed input x_hat.

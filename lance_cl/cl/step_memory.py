@@ -76,7 +76,7 @@ def measure_step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: t
     with torch.random.fork_rng(devices=fork_devices):
         stats = measure_activation_memory(
             model, inputs, lambda out: F.cross_entropy(out, y), layers=body_layer_names(model),
-            count_buffers=False,   # fixed factors are training-time state (SPEC 4.4 c), not activations
+            count_buffers=False,   # fixed factors are training-time state (docs/continual.md), not activations
         )
     with torch.no_grad():
         for b, saved in buffers:

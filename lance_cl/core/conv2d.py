@@ -1,6 +1,6 @@
 """Conv2d with a compressed backward: exact output and grad_input, grad_weight from a Tucker core.
 
-Two layouts (SPEC 3.4):
+Two layouts (docs/core.md):
 
 * ``"tensor"``: modes (B, C, H, W) of the (padded) input, as in the ASI/HOSVD/LANCE fine-tuning papers.
 * ``"patch"``: modes (B, C*kh*kw, L) of the im2col-unfolded input, L = output positions, as in GPM.

@@ -1,6 +1,6 @@
 """Mode unfolding and mode products: the only place tensors are unfolded or projected.
 
-Notation (SPEC 3.1): ``unfold(x, m)`` is the matrix X_(m) whose rows are indexed by mode ``m`` and
+Notation (docs/core.md): ``unfold(x, m)`` is the matrix X_(m) whose rows are indexed by mode ``m`` and
 whose columns run over all other modes. ``mode_product(x, M, m)`` multiplies every mode-m fibre by
 ``M``. A Tucker representation is a core ``G`` plus one factor per mode, ``None`` where the mode is
 kept at full size: ``x_hat = G x_0 U_0 x_1 U_1 ...``.
@@ -119,7 +119,7 @@ def core_shape(shape: Sequence[int], factors: Factors) -> tuple[int, ...]:
 
 
 def tucker_bytes(shape: Sequence[int], factors: Sequence, element_size: int) -> int:
-    """Bytes of core + factors for an input of ``shape`` (SPEC 3.1). ``factors`` holds, per mode,
+    """Bytes of core + factors for an input of ``shape``. ``factors`` holds, per mode,
     a factor (n_m, r_m), its shape as a pair, or None. A factor whose row count does not match its
     mode (a fixed batch factor on a batch of another size) counts as uncompressed."""
     core = 1

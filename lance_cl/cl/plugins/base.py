@@ -185,7 +185,7 @@ class SubspacePlugin(SupervisedPlugin):
             for p in self.first_task_only_params(model):
                 p.requires_grad_(False)
 
-    # -- memory (SPEC 4.4) --------------------------------------------------------------------
+    # -- memory (docs/continual.md) -----------------------------------------------------------
     def persistent_bytes(self) -> int:
         """Bytes of CL state kept between tasks (bases and method extras)."""
         return sum(b.numel() * b.element_size() for b in self.bases.values())

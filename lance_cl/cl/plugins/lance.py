@@ -1,4 +1,4 @@
-"""LanceCLPlugin: continual learning with compressed activations in task subspaces (SPEC 4.2).
+"""LanceCLPlugin: continual learning with compressed activations in task subspaces (docs/continual.md).
 
 Every protected layer is a LANCE-compressed layer (Conv2d in the patch layout, so its fan-in mode
 is exactly the fan-in axis of the weight). Before task t a calibration pass gathers the fan-in Gram
@@ -13,7 +13,7 @@ P is not needed while the task trains.
 Where the core would be larger than the input itself (a conv whose patches outnumber its input
 pixels and whose ranks stay high, common on tiny feature maps), the layer keeps its input instead
 and its weight gradient is projected on span(U_F) after backward. Both forms give a gradient whose
-rows lie in span(U_F) (with only the fan-in mode compressed they are the same gradient, SPEC 3.3
+rows lie in span(U_F) (with only the fan-in mode compressed they are the same gradient, docs/core.md
 identity 3), so the guarantee is unchanged; the layer log records which form each layer used.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class LanceCLPlugin(SubspacePlugin):
     Args:
         eps, eps_step: protected-energy schedule eps_t = eps + t * eps_step (GPM's thresholds).
         train_eps: total-energy rule of the training factor U_F: GPM's rule with threshold
-            train_eps (default: eps_t, as SPEC 4.2); a task whose energy P already covers beyond
+            train_eps (default: eps_t, the protection threshold); a task whose energy P already covers beyond
             it gets rank 0 and its layer is frozen.
         train_energy: residual rule instead: U_F keeps this fraction of the task's energy left
             outside span(P), tr(C_res) (``lance_cl.core.linalg.training_subspace``), so a layer
