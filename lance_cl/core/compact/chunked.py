@@ -171,30 +171,32 @@ class _ChunkedBlockFunction(torch.autograd.Function):
         want_x = ctx.needs_input_grad[0]
         grad_x = torch.empty_like(x) if want_x else None
         grad_x_parts = grad_x.tensor_split(block.chunks) if want_x else [None] * len(parts)
+        sum_du, sum_du_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-            # pass 1: the BatchNorm parameters' gradients, sum(dL/du) and sum(dL/du * x_hat),
-            # which with batch statistics also give the two means of g_hat = dL/du * gamma
             _set_rng_state(rng, x)
-            sum_du = torch.zeros_like(mean)
-            sum_du_xhat = torch.zeros_like(mean)
-            batch_stats = block.statistics()
-            for p, g, gx in zip(parts, grads, grad_x_parts):
-                with torch.no_grad():
-                    x_hat = _normalise(block.conv(p), mean, invstd)
-                du = _tail_grad(block, x_hat, g)
-                sum_du += du.sum(dim=(0, 2, 3))
-                sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
-                if not batch_stats:      # running statistics: dL/dz = g_hat * invstd, one pass
-                    _conv_backward(block, p, du, None, invstd, [gx])
-            _accumulate(norm.weight, sum_du_xhat)
-            _accumulate(norm.bias, sum_du)
-            if batch_stats:
+            if block.statistics():
+                # pass 1: sum(dL/du) and sum(dL/du * x_hat) per channel, which give the two
+                # means of g_hat = dL/du * gamma that couple the chunks
+                for p, g in zip(parts, grads):
+                    with torch.no_grad():
+                        x_hat = _normalise(block.conv(p), mean, invstd)
+                    du = _tail_grad(block, x_hat, g)
+                    sum_du += du.sum(dim=(0, 2, 3))
+                    sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
                 gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(mean)
                 positions = float(x.shape[0]) * x_hat.shape[2] * x_hat.shape[3]
                 means = (gamma * sum_du / positions, gamma * sum_du_xhat / positions)
                 _set_rng_state(rng, x)
                 for p, g, gx in zip(parts, grads, grad_x_parts):
-                    _conv_backward(block, p, g, means, invstd, [gx], mean=mean)
+                    _chunk_backward(block, p, g, mean, invstd, means, gx)
+            else:
+                # running statistics: dL/dz = g_hat * invstd needs no batch-wide term, one pass
+                for p, g, gx in zip(parts, grads, grad_x_parts):
+                    du_c, du_xhat_c = _chunk_backward(block, p, g, mean, invstd, None, gx)
+                    sum_du += du_c
+                    sum_du_xhat += du_xhat_c
+        _accumulate(norm.weight, sum_du_xhat)
+        _accumulate(norm.bias, sum_du)
         return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
@@ -222,30 +224,29 @@ def _tail_grad(block: ChunkedBlock, x_hat: Tensor, grad_out: Tensor) -> Tensor:
     return du
 
 
-def _conv_backward(block: ChunkedBlock, p: Tensor, g: Tensor, means, invstd: Tensor,
-                   grad_x_out: list, mean: Optional[Tensor] = None) -> None:
-    """Recompute the conv on chunk ``p`` with grad and send dL/dz back through it. ``g``: the
-    tail's output gradient when ``means`` is given (batch statistics), else dL/du itself."""
+def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, mean: Tensor, invstd: Tensor,
+                    means: Optional[tuple[Tensor, Tensor]], grad_x: Optional[Tensor]
+                    ) -> tuple[Tensor, Tensor]:
+    """Recompute chunk ``p`` with grad through the conv and send dL/dz back through the conv's
+    own backward; ``g``: the gradient at the tail's output, ``means``: the batch-wide means of
+    g_hat and g_hat * x_hat (None with running statistics). ``grad_x``: where dL/dp goes (None:
+    not wanted). Returns the chunk's sum(dL/du) and sum(dL/du * x_hat) per channel."""
     norm = block.norm
-    xc = p.detach().requires_grad_(grad_x_out[0] is not None)
+    xc = p.detach().requires_grad_(grad_x is not None)
     with torch.enable_grad():
         zc = block.conv(xc)
-    if means is None:
-        grad_z = g * _channel(invstd)
-        if norm.weight is not None:
-            grad_z.mul_(_channel(norm.weight.detach()))
-    else:
-        x_hat = _normalise(zc.detach(), mean, invstd)
-        du = _tail_grad(block, x_hat, g)
-        grad_z = du
-        if norm.weight is not None:
-            grad_z = grad_z * _channel(norm.weight.detach())
+    x_hat = _normalise(zc.detach(), mean, invstd)
+    du = _tail_grad(block, x_hat, g)
+    sums = du.sum(dim=(0, 2, 3)), (du * x_hat).sum(dim=(0, 2, 3))
+    grad_z = du * _channel(norm.weight.detach()) if norm.weight is not None else du
+    if means is not None:
         grad_z = grad_z.sub_(_channel(means[0])).sub_(x_hat.mul_(_channel(means[1])))
-        grad_z.mul_(_channel(invstd))
-        del x_hat, du
+    grad_z.mul_(_channel(invstd))
+    del x_hat, du
     torch.autograd.backward(zc, grad_z)
-    if grad_x_out[0] is not None:
-        grad_x_out[0].copy_(xc.grad)
+    if grad_x is not None:
+        grad_x.copy_(xc.grad)
+    return sums
 
 
 def _accumulate(param: Optional[Tensor], grad: Tensor) -> None:
