@@ -41,6 +41,7 @@ __all__ = [
     "run_stem",
     "save_checkpoint",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 RESULT_FORMAT = "lance-cl-run/1"
@@ -138,12 +139,16 @@ def _write_durably(path: Path, write: Any) -> Path:
     return tmp
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``json_safe(data)`` to ``path``: all of it or, after a fault, the old file."""
-    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path``: all of it or, after a fault, the old file."""
     tmp = _write_durably(path, lambda f: f.write(text.encode("utf-8")))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``json_safe(data)`` to ``path``: all of it or, after a fault, the old file."""
+    write_text_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
 
 
 def save_checkpoint(path: Path, data: dict[str, Any]) -> None:

@@ -186,14 +186,6 @@ def _anchored(path: Union[str, Path]) -> str:
     return text if text.startswith("~") or Path(text).is_absolute() else str(Path(text).resolve())
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """The runner's atomic, fsynced write of a run JSON (the driver's copy of a worker's file)."""
-    from .run_files import write_json_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, data)
-
-
 def _ray_error(exc: BaseException) -> str:
     """One line for a Ray-level failure (worker died more often than allowed, task cancelled ...)."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
@@ -287,6 +279,7 @@ def run_sweep(
         raise ValueError(f"gpus_per_run must be a fraction in [0, 1] or a whole number, got {gpus_per_run}")
     ray = import_ray()
     from .runner import result_path
+    from .run_files import write_json_atomic
 
     if not options.pop("resume"):
         start_over(options["out_dir"], runs)   # once: the tasks resume, so a retry keeps its progress
@@ -327,8 +320,8 @@ def run_sweep(
                 reply = {"run": None, "error": _ray_error(exc)}
             if reply["run"] is not None:
                 returned[run] = reply["run"]
-                _write_json(result_path(options["out_dir"], run.benchmark, run.strategy, run.seed),
-                            reply["run"])
+                write_json_atomic(result_path(options["out_dir"], run.benchmark, run.strategy,
+                                              run.seed), reply["run"])
             error = reply["error"]
             if error is None and reply["run"].get("status") != "complete":
                 error = f"run ended with status {reply['run'].get('status')!r}"

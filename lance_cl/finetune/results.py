@@ -6,13 +6,12 @@ the plot can be rebuilt from the file: ``render_table(load_result(path))``.
 from __future__ import annotations
 
 import json
-import math
-import os
 import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..accounting import format_bytes
+from ..cl.run_files import write_json_atomic, write_text_atomic
 
 __all__ = ["load_result", "plot_accuracy_vs_memory", "render_table", "summarize", "write_outputs"]
 
@@ -179,29 +178,13 @@ def plot_accuracy_vs_memory(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def write_outputs(result: dict[str, Any], out: str | Path, plot: bool = True) -> dict[str, Path]:
     """Write ``finetune.json``, ``finetune.md`` and (``plot``) ``finetune.png`` into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "finetune.json", "table": out / "finetune.md"}
-    _atomic_write(paths["json"], json.dumps(_clean(result), indent=1, allow_nan=False) + "\n")
-    _atomic_write(paths["table"], render_table(result))
+    write_json_atomic(paths["json"], result)
+    write_text_atomic(paths["table"], render_table(result))
     if plot:
         paths["plot"] = plot_accuracy_vs_memory(result, out / "finetune.png")
     return paths
