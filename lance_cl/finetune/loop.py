@@ -118,9 +118,9 @@ class EpochProgress:
         self.tty = enabled and sys.stderr.isatty()
         self.bar = None
         if self.tty:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            self.bar = progress_bar(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def update(self, loss: float) -> None:
         if self.bar is not None:
