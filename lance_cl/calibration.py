@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .compressors import CalibrationError, CalibrationStatistics
 from .core.budget import select_under_budget
-from .core.linalg import sorted_eigh
+from .core.linalg import check_column_ratio, sorted_eigh
 from .core.tucker import project, tucker_bytes
 from .layers import CompressedLayer, LayerMode
 from .progress import progress_bar
@@ -90,14 +90,22 @@ class Calibration:
     method needs calibration), then the choice of their factors.
 
     ``forward(model, batch)`` runs the model on one batch (default: ``model(batch[0])`` for
-    tuples); ``device``: where batches are moved first (None: as given).
+    tuples); ``device``: where batches are moved first (None: as given). ``column_ratio``: each
+    batch adds at most ceil(ratio * n) columns, sampled, to a layer's mode-n Gram (a conv's
+    patches give far more columns per batch than its Grams need); None: every column.
+    ``modes``: per layer name, the only modes whose Grams it gathers (default: every mode the
+    layer's method compresses); a mode left out gets no factor from :meth:`fix_energy`.
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Mapping[str, CompressedLayer]] = None, *,
                  forward: Callable[[nn.Module, Any], Any] = default_forward,
-                 batch_norm: str = "batch", device: Optional[torch.device] = None) -> None:
+                 batch_norm: str = "batch", device: Optional[torch.device] = None,
+                 column_ratio: Optional[float] = None,
+                 modes: Optional[Mapping[str, Sequence[int]]] = None) -> None:
         if batch_norm not in BATCH_NORM_CHOICES:
             raise ValueError(f"batch_norm={batch_norm!r}: choose 'batch' or 'running'")
+        self.column_ratio = check_column_ratio(column_ratio)
+        self.modes = {n: tuple(m) for n, m in (modes or {}).items()}
         if layers is None:
             layers = {n: m for n, m in model.named_modules()
                       if isinstance(m, CompressedLayer) and m.compressor.needs_calibration}
@@ -119,7 +127,10 @@ class Calibration:
         """Fresh statistics for every layer; the model goes into calibration conditions."""
         if self.active:
             raise CalibrationError("Calibration.begin() called twice without end()")
-        self._statistics = {n: l.compressor.calibration_statistics() for n, l in self.layers.items()}
+        self._statistics = {n: l.compressor.calibration_statistics(self.column_ratio)
+                            for n, l in self.layers.items()}
+        for name, modes in self.modes.items():
+            self._stats(name).restrict_modes(modes)
         self._eigen, self.first_batch, self.num_batches = {}, None, 0
         stack = contextlib.ExitStack()
         stack.enter_context(calibration_conditions(self.model, self.batch_norm))

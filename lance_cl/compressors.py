@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from .core.conv2d import GradientFilterConv2dFunction, filter_blocks
-from .core.linalg import (GramAccumulator, check_eps, energy_rank, mode_basis, mode_gram,
-                          random_orthonormal, subspace_iteration)
+from .core.linalg import (GramAccumulator, check_column_ratio, check_eps, energy_rank, mode_basis,
+                          mode_gram, random_orthonormal, subspace_iteration)
 from .core.tucker import compact, tucker_bytes
 
 if TYPE_CHECKING:
@@ -76,6 +76,15 @@ class CalibrationStatistics:
         self.layer_name, self.method = layer_name, method
         self.num_batches = 0
         self.shape: Optional[tuple[int, ...]] = None
+        self.only_modes: Optional[frozenset[int]] = None
+
+    def restrict_modes(self, modes: Sequence[int]) -> None:
+        """Gather only these of the modes the method compresses (the caller needs no others)."""
+        self.only_modes = frozenset(int(m) for m in modes)
+
+    def selected(self, modes: Sequence[int]) -> tuple[int, ...]:
+        """The modes of ``modes`` to gather (all of them unless :meth:`restrict_modes` ran)."""
+        return tuple(m for m in modes if self.only_modes is None or m in self.only_modes)
 
     def update(self, view: Tensor, modes: Sequence[int]) -> None:
         """One batch's activation view (B, ...) with the modes the method compresses."""
@@ -96,16 +105,19 @@ class CalibrationStatistics:
 
 
 class SummedGrams(CalibrationStatistics):
-    """Grams summed over every calibration batch (every batch must have the same shape)."""
+    """Grams summed over every calibration batch (every batch must have the same shape);
+    ``column_ratio``: each batch adds at most ceil(ratio * n) sampled columns to a mode-n Gram
+    (:class:`~lance_cl.core.linalg.GramAccumulator`)."""
 
-    def __init__(self, layer_name: str, method: str) -> None:
+    def __init__(self, layer_name: str, method: str, column_ratio: Optional[float] = None) -> None:
         super().__init__(layer_name, method)
+        self.column_ratio = check_column_ratio(column_ratio)
         self._sum: Optional[GramAccumulator] = None
 
     def update(self, view: Tensor, modes: Sequence[int]) -> None:
         self._check_shape(view)
         if self._sum is None:
-            self._sum = GramAccumulator(modes)
+            self._sum = GramAccumulator(self.selected(modes), self.column_ratio)
         self._sum.update(view)
         self.num_batches += 1
 
@@ -123,7 +135,7 @@ class FirstBatchGrams(CalibrationStatistics):
     def update(self, view: Tensor, modes: Sequence[int]) -> None:
         if self.num_batches == 0:
             self._check_shape(view)
-            self._grams = {m: mode_gram(view, m) for m in modes}
+            self._grams = {m: mode_gram(view, m) for m in self.selected(modes)}
         self.num_batches += 1
 
     def grams(self) -> dict[int, Tensor]:
@@ -275,8 +287,10 @@ class Compressor(nn.Module):
         return 0
 
     # -- calibration (methods with needs_calibration) ----------------------------------------------
-    def calibration_statistics(self) -> CalibrationStatistics:
-        """A fresh statistics object for one calibration pass of this layer."""
+    def calibration_statistics(self, column_ratio: Optional[float] = None) -> CalibrationStatistics:
+        """A fresh statistics object for one calibration pass of this layer. ``column_ratio``:
+        the most columns per batch a Gram may sample, as a multiple of its size (methods that
+        sum Grams over batches; None: every column)."""
         raise CalibrationError(f"method {self.name!r} (layer {self.layer_name!r}) has no calibration")
 
     def _rank_for(self, mode: int, eigenvalues: Tensor, eps: Optional[float] = None) -> int:
@@ -416,8 +430,8 @@ class Lance(_EnergyOrBudget):
     bench_variants = ("+compact", "+compact_nostem", "+compact_bf16", "+compact_int8")
     bench_default_variants = ("", "+compact", "+compact_bf16")
 
-    def calibration_statistics(self) -> CalibrationStatistics:
-        return SummedGrams(self.layer_name, self.name)
+    def calibration_statistics(self, column_ratio: Optional[float] = None) -> CalibrationStatistics:
+        return SummedGrams(self.layer_name, self.name, column_ratio)
 
     def step_factors(self, view: Tensor) -> list[Optional[Tensor]]:
         self._require_resolved()
@@ -447,8 +461,8 @@ class ASI(_EnergyOrBudget):
         super().__init__(layer_name, n_modes, compress_batch=compress_batch, **options)
         self.register_buffer("rank_per_mode", torch.zeros(0, dtype=torch.long))
 
-    def calibration_statistics(self) -> CalibrationStatistics:
-        return FirstBatchGrams(self.layer_name, self.name)
+    def calibration_statistics(self, column_ratio: Optional[float] = None) -> CalibrationStatistics:
+        return FirstBatchGrams(self.layer_name, self.name)     # one batch: every column
 
     def _factors_fixed(self, factors: list[Optional[Tensor]]) -> None:
         self.rank_per_mode = torch.tensor([0 if u is None else u.shape[1] for u in factors],

@@ -53,6 +53,42 @@ def test_conv_channel_gram_sums_over_batch_and_positions():
     torch.testing.assert_close(calib.grams("0")[1], flat @ flat.t())
 
 
+def test_a_column_ratio_samples_conv_patches_and_keeps_every_linear_row():
+    """ratio 1: a conv's fan-in Gram (18 patch rows per image, 18 fan-in) gets 18 of 144
+    columns per batch, an unbiased estimate; a Linear with fewer rows than its fan-in keeps
+    all of them, so its Gram is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(27, 2)).double()
+    lance_cl.compress(model, "lance", layout="patch")
+    batches = [torch.randn(8, 2, 5, 5, dtype=DT) for _ in range(3)]
+    exact = Calibration(model).run(batches, progress=False)
+    sampled = Calibration(model, column_ratio=1.0).run(batches, progress=False)
+    torch.testing.assert_close(sampled.grams("2")[1], exact.grams("2")[1])
+    conv_exact, conv_sampled = exact.grams("0")[1], sampled.grams("0")[1]
+    assert conv_sampled.shape == conv_exact.shape == (18, 18)
+    assert not torch.allclose(conv_sampled, conv_exact)
+    # unbiased: the trace (total energy) is close, not equal (it is a sum of 54 of 432 columns)
+    assert abs(float(conv_sampled.trace() / conv_exact.trace()) - 1) < 0.5
+    with pytest.raises(ValueError, match="column_ratio"):
+        Calibration(model, column_ratio=0)
+
+
+def test_restricted_modes_gather_only_those_grams():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3)).double()
+    lance_cl.compress(model, "lance", layout="patch")
+    x = torch.randn(4, 2, 6, 6, dtype=DT)
+    full = Calibration(model).run([x], progress=False)
+    only = Calibration(model, modes={"0": (1,)}).run([x], progress=False)
+    assert sorted(full.grams("0")) == [1, 2] and sorted(only.grams("0")) == [1]
+    torch.testing.assert_close(only.grams("0")[1], full.grams("0")[1])
+    only.fix_energy(eps=0.9)
+    factors = model[0].compressor.factors()
+    assert factors[1] is not None and factors[2] is None       # no Gram, no position factor
+    with pytest.raises(KeyError, match="not calibrated here"):
+        Calibration(model, modes={"nope": (1,)}).begin()
+
+
 def test_fix_energy_takes_the_top_eigenvectors_the_energy_rule_asks_for():
     model = _linear_model()
     lance_cl.compress(model, "lance", eps=0.9)

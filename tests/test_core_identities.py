@@ -94,6 +94,22 @@ def test_linear_identity_3_projected_gradient(shape):
     torch.testing.assert_close(w.grad, dw_full @ (u @ u.t()), **TOL)
 
 
+@pytest.mark.parametrize("rows,rank", [(3, 20), (200, 5)], ids=["rank_above_rows", "rank_below_rows"])
+def test_linear_weight_gradient_in_either_contraction_order(rows, rank):
+    """The fan-in factor lifts the core (rank above the rows) or the (O, r) product: both are
+    the weight gradient of x_hat (identity 2), checked against plain autograd on x_hat."""
+    torch.manual_seed(2)
+    x = torch.randn(rows, 40, dtype=DT)
+    w = torch.randn(50, 40, dtype=DT, requires_grad=True)
+    factors = [None, orthonormal(40, rank, 3)]
+    y, _ = TuckerLinearFunction.apply(x, w, None, *factors)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    w2 = w.detach().clone().requires_grad_()
+    F.linear(reconstruct(project(x, factors), factors), w2).backward(gy)
+    torch.testing.assert_close(w.grad, w2.grad, **TOL)
+
+
 def test_linear_identity_4_x_not_saved():
     x = torch.randn(64, 256, dtype=DT, requires_grad=True)
     w = torch.randn(32, 256, dtype=DT, requires_grad=True)

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from lance_cl.core.budget import BudgetTooSmallError, select_under_budget
 from lance_cl.core.conv2d import ConvSpec, GradientFilterConv2dFunction
-from lance_cl.core.linalg import (GramAccumulator, check_eps, complement_projector_apply, grow_basis,
-                                  energy_rank, mode_basis, mode_gram, orthonormalize,
-                                  random_orthonormal, residual_rank, subspace_iteration,
-                                  top_eigenvectors, training_subspace)
+from lance_cl.core.linalg import (GramAccumulator, check_column_ratio, check_eps,
+                                  complement_projector_apply, grow_basis, energy_rank, mode_basis,
+                                  mode_gram, orthonormalize, random_orthonormal, residual_rank,
+                                  sampled_mode_gram, subspace_iteration, top_eigenvectors,
+                                  training_subspace)
 from lance_cl.core.tucker import (compact, core_shape, fold, mode_contract, mode_product, project, reconstruct,
                                   tucker_bytes, unfold)
 
@@ -32,10 +33,13 @@ def test_unfold_matches_definition_and_fold_inverts():
         torch.testing.assert_close(fold(unfold(x, m), m, x.shape), x)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5), (4, 7, 2), (2, 6, 3, 2)],
+                         ids=["long_rows", "short_rows", "4d"])
 @pytest.mark.parametrize("mode", [0, 1, 2])
-def test_mode_contract_equals_unfolded_product(mode):
-    x = torch.randn(3, 4, 5, dtype=DT)
-    y = torch.randn(*(2 if m == mode else n for m, n in enumerate(x.shape)), dtype=DT)
+@pytest.mark.parametrize("same", [False, True], ids=["x_y", "gram"])
+def test_mode_contract_equals_unfolded_product(shape, mode, same):
+    x = torch.randn(*shape, dtype=DT)
+    y = x if same else torch.randn(*(2 if m == mode else n for m, n in enumerate(x.shape)), dtype=DT)
     torch.testing.assert_close(mode_contract(x, y, mode), unfold(x, mode) @ unfold(y, mode).t())
 
 
@@ -128,6 +132,48 @@ def test_gram_accumulator_equals_gram_of_concatenation():
     torch.testing.assert_close(acc.grams[0], sum(mode_gram(b, 0) for b in batches[:3]))
 
 
+def test_sampled_gram_is_exact_with_every_column_and_unbiased_with_fewer():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, generator=g, dtype=DT) * torch.tensor([3.0, 1.0, 0.2, 0.5], dtype=DT)
+    exact = unfold(x, 2) @ unfold(x, 2).t()
+    torch.testing.assert_close(sampled_mode_gram(x, 2, 15, g), exact)     # 15 = all columns
+    # fewer columns: an unbiased estimate, so the mean of many draws approaches the exact Gram
+    draws = torch.stack([sampled_mode_gram(x, 2, 4, g) for _ in range(4000)])
+    assert float((draws.mean(0) - exact).norm() / exact.norm()) < 0.03
+    # one draw is (N / K) times the Gram of K distinct columns: those a uniform permutation of
+    # the N columns (mode-2 fibres x[i, j, :], in row-major order of (i, j)) puts first
+    one = sampled_mode_gram(x, 2, 4, torch.Generator().manual_seed(5))
+    picked = torch.randperm(15, generator=torch.Generator().manual_seed(5))[:4]
+    fibres = torch.stack([x[int(k) // 3, int(k) % 3, :] for k in picked])  # (4, 4)
+    torch.testing.assert_close(one, fibres.t() @ fibres * (15 / 4))
+
+
+def test_gram_accumulator_with_a_column_ratio_samples_privately():
+    batches = [torch.randn(6, 5, 9, dtype=DT) for _ in range(3)]
+    exact, wide, narrow = GramAccumulator((1, 2)), GramAccumulator((1, 2), column_ratio=100.0), \
+        GramAccumulator((1, 2), column_ratio=1.0, seed=3)
+    state = torch.get_rng_state()
+    for b in batches:
+        for acc in (exact, wide, narrow):
+            acc.update(b)
+    assert torch.equal(torch.get_rng_state(), state)            # the global stream did not move
+    for m in (1, 2):
+        torch.testing.assert_close(wide.grams[m], exact.grams[m])     # ratio * n >= every column
+    again = GramAccumulator((1, 2), column_ratio=1.0, seed=3)
+    for b in batches:
+        again.update(b)
+    torch.testing.assert_close(again.grams[1], narrow.grams[1], rtol=0, atol=0)   # reproducible
+    assert not torch.allclose(narrow.grams[1], exact.grams[1])   # 5 of 54 columns per batch
+    assert torch.linalg.eigvalsh(narrow.grams[1]).min() > -1e-9
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "2"])
+def test_column_ratio_outside_positive_numbers_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="column_ratio"):
+        check_column_ratio(bad)
+    assert check_column_ratio(None) is None and check_column_ratio(2) == 2.0
+
+
 def test_subspace_iteration_step_and_convergence():
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=DT))[0]
@@ -208,7 +254,7 @@ def test_residual_rank_is_zero_only_without_energy():
 
 @pytest.mark.parametrize("energy,max_rank,expected_rank,kept", [
     (0.5, None, 1, 0.6), (0.61, None, 2, 0.8), (0.9, None, 3, 1.0),
-    (0.9, 2, 2, 0.8),
+    (0.9, 2, 2, 0.8), (0.5, 3, 1, 0.6), (0.61, 3, 2, 0.8),
 ])
 def test_training_subspace_keeps_a_fraction_of_the_residual_energy(energy, max_rank,
                                                                    expected_rank, kept):
@@ -224,6 +270,24 @@ def test_training_subspace_keeps_a_fraction_of_the_residual_energy(energy, max_r
     if energy == 0.5:     # GPM's total-energy rule at the same number freezes the layer
         # (P covers exactly 50 %: compare just below it, the rounding of tr(C_res) decides at it)
         assert grow_basis(c, frame[:, :1], energy - 1e-9)[0].shape[1] == 0
+
+
+@pytest.mark.parametrize("energy,cap", [(0.3, 40), (0.95, 12), (1.0, 25)])
+def test_a_capped_training_subspace_is_the_leading_part_of_the_uncapped_one(energy, cap):
+    """The cap keeps only the leading directions (the rest enters through tr(C_res)): the same
+    rank as min(uncapped rank, cap), the same span, the same kept fraction."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(60, 200, generator=g, dtype=DT) * torch.linspace(3, 0.1, 60, dtype=DT).view(-1, 1)
+    c = a @ a.t()
+    p = torch.linalg.qr(torch.randn(60, 10, generator=g, dtype=DT))[0]
+    u_all, covered_all, _ = training_subspace(c, p, energy)
+    u, covered, kept = training_subspace(c, p, energy, cap)
+    r = min(u_all.shape[1], cap)
+    assert u.shape == (60, r) and covered == pytest.approx(covered_all)
+    torch.testing.assert_close(u @ u.t(), u_all[:, :r] @ u_all[:, :r].t(), atol=1e-8, rtol=0)
+    residual = c - p @ (p.t() @ c)
+    residual = residual - (residual @ p) @ p.t()
+    assert kept == pytest.approx(float(torch.trace(u.t() @ c @ u) / torch.trace(residual)), rel=1e-9)
 
 
 def test_training_subspace_is_empty_when_the_basis_covers_everything():

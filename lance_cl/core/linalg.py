@@ -4,6 +4,7 @@ Every decomposition runs in float32 or better and is cast back to the caller's d
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -153,7 +154,7 @@ def complement_basis(basis: Optional[Tensor], dim: int, dtype: torch.dtype = tor
 
 
 def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
-               take_all: bool = False) -> tuple[Tensor, float]:
+               take_all: bool = False, max_rank: Optional[int] = None) -> tuple[Tensor, float]:
     """New directions orthogonal to ``basis`` by the GPM energy rule.
 
     gram: C (d, d) of the inputs; basis: P (d, k) orthonormal or None. With E = tr(C) and
@@ -162,6 +163,7 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
     ``take_all`` returns the whole complement of P, ordered by energy (solved in complement
     coordinates, so zero-energy directions are orthogonal to P too). Only positive-energy
     directions are ever taken otherwise; they are re-orthogonalised against P in float64.
+    ``max_rank``: at most that many directions (the leading ones; not with ``take_all``).
     Returns (U (d, r) orthonormal, possibly r = 0; a), on the Gram's device (P may live
     elsewhere, e.g. on the CPU while the Gram was accumulated on a GPU).
     """
@@ -187,19 +189,28 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
         return torch.zeros(d, 0, dtype=work, device=c.device), covered
     cumulative = covered + torch.cumsum(lam, 0) / total
     r = min(int((cumulative < eps).sum().item()) + 1, positive)
+    if max_rank is not None:
+        r = min(r, int(max_rank))
     u = vec[:, :r]
     if p is not None:
         u = u - p @ (p.t() @ u)
     return orthonormalize(u), covered
 
 
-def residual_rank(mu: Tensor, energy: float, max_rank: Optional[int] = None) -> int:
+def residual_rank(mu: Tensor, energy: float, max_rank: Optional[int] = None,
+                  total: Optional[float] = None) -> int:
     """Rank kept from a residual spectrum mu (n,) sorted descending: 0 when it holds no energy,
-    else the energy rule on mu alone (:func:`energy_rank`, so >= 1) capped at ``max_rank``."""
+    else the energy rule on mu alone (:func:`energy_rank`, so >= 1) capped at ``max_rank``.
+    ``total``: the energy of the whole spectrum when mu holds only its leading part (then a
+    rule that needs more than mu holds keeps all of mu)."""
     lam = mu.clamp_min(0)
     if lam.numel() == 0 or lam.sum() <= 0:
         return 0
-    rank = energy_rank(lam, energy)
+    if total is None:
+        rank = energy_rank(lam, energy)
+    else:
+        check_eps(energy)
+        rank = min(int((torch.cumsum(lam, 0) < energy * total).sum().item()) + 1, lam.numel())
     return rank if max_rank is None else min(rank, int(max_rank))
 
 
@@ -216,16 +227,50 @@ def training_subspace(gram: Tensor, basis: Optional[Tensor], energy: float,
     (U (d, r), a = energy P covers as in grow_basis, fraction of tr(C_res) inside span(U)).
     """
     check_eps(energy, "energy")
-    u, covered = grow_basis(gram, basis, 1.0, take_all=take_all)
+    # with a cap only the leading max_rank directions can be kept: the rest of the residual
+    # spectrum enters through its total, tr(C_res) = (1 - a) tr(C), not its eigenvectors
+    capped = max_rank is not None and not take_all
+    u, covered = grow_basis(gram, basis, 1.0, take_all=take_all,
+                            max_rank=max_rank if capped else None)
     if take_all:
         return u, covered, 1.0
     if u.shape[1] == 0 or 1.0 - covered <= min_residual:
         return u[:, :0], covered, 0.0
     c = gram.to(u)
     mu = ((c @ u) * u).sum(0)
-    r = residual_rank(mu, energy, max_rank)
-    kept = float((mu[:r].clamp_min(0).sum() / mu.clamp_min(0).sum()).item()) if r else 0.0
+    total = float(mu.clamp_min(0).sum())
+    if capped:
+        total = max(total, (1.0 - covered) * float(torch.trace(c)))
+    r = residual_rank(mu, energy, max_rank, total=total if capped else None)
+    kept = float(mu[:r].clamp_min(0).sum()) / total if r else 0.0
     return compact(u[:, :r]), covered, kept
+
+
+def check_column_ratio(ratio: Optional[float]) -> Optional[float]:
+    """Validate a Gram column ratio: None (every column) or a number > 0."""
+    if ratio is None:
+        return None
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not float(ratio) > 0:
+        raise ValueError(f"column_ratio={ratio!r}: pass a number > 0 (each batch adds at most "
+                         f"ratio * n columns to a Gram of size n x n) or None for every column")
+    return float(ratio)
+
+
+def sampled_mode_gram(x: Tensor, mode: int, columns: int,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """Unbiased estimate of X_(m) X_(m)^T from ``columns`` columns of the mode-``mode`` unfolding
+    drawn uniformly without replacement: (N / columns) S S^T, S the (n, columns) sample of the N
+    columns. Exact (:func:`mode_gram`) when columns >= N. ``generator``: a CPU generator for
+    the draw (None: the global one). x: (..., n, ...) -> (n, n), float32 or better."""
+    n = x.shape[mode]
+    total = x.numel() // max(n, 1)
+    if columns >= total:
+        return mode_gram(x, mode)
+    picked = torch.randperm(total, generator=generator)[: max(int(columns), 1)].to(x.device)
+    moved = x.movedim(mode, -1)
+    index = torch.unravel_index(picked, moved.shape[:-1])
+    sample = moved[index].to(decomposition_dtype(x.dtype))      # (columns, n)
+    return (sample.t() @ sample).mul_(total / picked.numel())
 
 
 class GramAccumulator:
@@ -233,19 +278,34 @@ class GramAccumulator:
 
     Modes whose size changes between batches (the batch mode when the last batch is partial)
     cannot be summed and are recorded as such; callers decide what that means.
+
+    ``column_ratio``: each batch adds at most ceil(ratio * n) columns of its mode-n unfolding,
+    drawn without replacement and rescaled (:func:`sampled_mode_gram`), so the sum stays an
+    unbiased estimate of the exact one at a fraction of its cost where a batch has many more
+    columns than n (the patches of a conv); None: every column. The draws come from a private
+    generator seeded by ``seed``: the global random stream does not move.
     """
 
-    def __init__(self, modes: Sequence[int]):
+    def __init__(self, modes: Sequence[int], column_ratio: Optional[float] = None, seed: int = 0):
         self.modes = tuple(modes)
         self.grams: dict[int, Tensor] = {}
         self.num_batches = 0
         self.inconsistent_modes: set[int] = set()
+        self.column_ratio = check_column_ratio(column_ratio)
+        self._generator: Optional[torch.Generator] = None
+        if self.column_ratio is not None:
+            self._generator = torch.Generator()
+            self._generator.manual_seed(int(seed))
 
     def update(self, x: Tensor) -> None:
         """Add one batch. x: the activation in its layout's modes."""
         with torch.no_grad():
             for m in self.modes:
-                g = mode_gram(x, m)
+                if self.column_ratio is None:
+                    g = mode_gram(x, m)
+                else:
+                    columns = math.ceil(self.column_ratio * x.shape[m])
+                    g = sampled_mode_gram(x, m, columns, self._generator)
                 if m not in self.grams:
                     self.grams[m] = g
                 elif self.grams[m].shape != g.shape:

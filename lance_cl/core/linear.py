@@ -20,14 +20,22 @@ def tucker_linear_grad_weight(core: Tensor, factors: Sequence[Optional[Tensor]],
     """Exact weight gradient for x_hat = core x_m U_m, without rebuilding x_hat.
 
     core: (r_0, ..., r_I); grad_output: (B, ..., O). Leading factors are applied to grad_output
-    (sum_lead gy x_hat = sum_lead' (gy x U^T) core), then the fan-in factor lifts the result.
+    (sum_lead gy x_hat = sum_lead' (gy x U^T) core). The fan-in factor then lifts either the
+    (O, r_I) result or, when the core has fewer rows than r_I (a rank above the batch), the core
+    itself: O r_I I multiply-adds against R r_I I + O R I for R rows, whichever is fewer.
     Returns (O, I).
     """
     leading = list(factors[:-1]) + [None]
     gy = project(grad_output, leading)                                    # (r_0, ..., O)
-    m = mode_contract(gy, core, gy.dim() - 1)                             # (O, r_I)
+    last = gy.dim() - 1
     u_fan_in = factors[-1]
-    return m if u_fan_in is None else m @ u_fan_in.t()
+    if u_fan_in is None:
+        return mode_contract(gy, core, last)                              # (O, I)
+    o, (i, r) = gy.shape[-1], u_fan_in.shape
+    rows = core.numel() // max(r, 1)
+    if rows * r * i + o * rows * i < o * r * i + o * rows * r:
+        return mode_contract(gy, core @ u_fan_in.t(), last)               # x_hat rebuilt: (R, I)
+    return mode_contract(gy, core, last) @ u_fan_in.t()                   # (O, r_I) lifted
 
 
 class TuckerLinearFunction(torch.autograd.Function):

@@ -51,7 +51,8 @@ def mode_contract(x: Tensor, y: Tensor, mode: int) -> Tensor:
     """Contract two tensors over every mode except ``mode``: X_(m) Y_(m)^T without unfolding.
 
     x: (..., n, ...), y: (..., k, ...) with equal other modes -> (n, k). Works on (before, n,
-    after) views, so neither tensor is permuted or copied.
+    after) views; only when the modes after ``mode`` are smaller than n (or k) are the operands
+    copied once into (n, before * after) unfoldings, which is then the faster product.
     """
     n, k = x.shape[mode], y.shape[mode]
     before = math.prod(x.shape[:mode])
@@ -61,6 +62,12 @@ def mode_contract(x: Tensor, y: Tensor, mode: int) -> Tensor:
         return x3[0] @ y3[0].t()
     if x3.shape[2] == 1:
         return x3[:, :, 0].t() @ y3[:, :, 0]
+    if x3.shape[2] < max(n, k):
+        # short rows: one (n, before * after) matmul beats ``before`` small ones and their
+        # (before, n, k) partial sums, at the price of one copy of each operand
+        xm = x3.transpose(0, 1).reshape(n, -1)
+        ym = xm if y is x else y3.transpose(0, 1).reshape(k, -1)
+        return xm @ ym.t()
     return torch.bmm(x3, y3.transpose(1, 2)).sum(0)
 
 
