@@ -118,6 +118,20 @@ def stem_segments(model: nn.Module) -> tuple[str, ...]:
     return ("stem",) if "stem" in declared or has_module else ()
 
 
+def recomputed_layer_names(model: nn.Module) -> set[str]:
+    """Qualified names of the modules whose activations ``model`` recomputes in backward: the
+    chains of its recomputed declared segments and everything inside a recomputed submodule.
+    Their saved tensors live only during their own backward, so compressing them saves no
+    memory (a segment the model declares without its chain is not listed)."""
+    names: set[str] = set()
+    for segment in getattr(model, "recomputed_segments", ()):
+        names.update(getattr(model, "segment_chains", {}).get(segment, ()))
+    for name, module in model.named_modules():
+        if _is_recomputed(module):
+            names.update(f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub)
+    return names
+
+
 def compact_report(model: nn.Module) -> CompactReport:
     """The compacted modules and recomputed segments of ``model``."""
     rows = CompactReport()

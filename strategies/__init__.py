@@ -102,6 +102,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            lambda d: [LanceCLPlugin(**_subspace_options(d), **_lance_training_rule(d),
                                     position_eps=d.get("position_eps", 0.9),
                                     calibration_batches=d.get("calibration_batches"),
+                                    calibration_column_ratio=d.get("calibration_column_ratio", 4.0),
                                     small_layer_dim=d.get("small_layer_dim", 80))], compact=True),
     Recipe("lance_paper", "LANCE-CL as published: task 1 with full backprop, training factors at "
                           "energy 0.98 (threshold-conv), CL thresholds of GPM",

@@ -46,29 +46,61 @@ def _block(train: bool, affine: bool, bias: bool, stride: int, padding: int, tai
 @pytest.mark.parametrize("stride,padding,tail", [(1, 0, "relu_pool"), (2, 1, "leaky"),
                                                  (1, 1, "relu6_avg"), (1, 0, "none")])
 @pytest.mark.parametrize("chunks", [2, 3])
-def test_gradients_are_the_whole_batch_ones(train, affine, bias, stride, padding, tail, chunks):
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "stem"])
+def test_gradients_are_the_whole_batch_ones(train, affine, bias, stride, padding, tail, chunks,
+                                            input_grad):
+    """With an input gradient, batch statistics take two passes; without one (a stem), one."""
     torch.manual_seed(0)
     modules = _block(train, affine, bias, stride, padding, tail)
     reference = nn.Sequential(*copy.deepcopy(modules))
     for m in reference:
         if isinstance(m, nn.ReLU):
             m.inplace = False
-    x = torch.randn(7, 3, 11, 11, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 3, 11, 11, dtype=torch.float64, requires_grad=input_grad)
     expected = reference(x)
     g = torch.randn_like(expected)
-    wanted = [x] + list(reference.parameters())
+    wanted = ([x] if input_grad else []) + list(reference.parameters())
     expected_grads = torch.autograd.grad(expected, wanted, g)
 
     block = ChunkedBlock.from_modules(modules, chunks)
     out = chunked_block(x, block)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    (grad_x,) = torch.autograd.grad(out, x, g)
-    torch.testing.assert_close(grad_x, expected_grads[0], rtol=1e-10, atol=1e-12)
     params = [p for m in modules for p in m.parameters()]
-    for p, q in zip(params, expected_grads[1:]):
+    if input_grad:
+        (grad_x,) = torch.autograd.grad(out, x, g)
+        torch.testing.assert_close(grad_x, expected_grads[0], rtol=1e-10, atol=1e-12)
+        expected_grads = expected_grads[1:]
+    else:
+        out.backward(g)
+    for p, q in zip(params, expected_grads):
         torch.testing.assert_close(p.grad, q, rtol=1e-10, atol=1e-12)
     for a, b in zip(modules[1].buffers(), reference[1].buffers()):   # running stats moved once
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("conv_kind", ["frozen", "parametrized"])
+def test_a_frozen_or_parametrized_stem_conv_gets_the_whole_batch_gradients(conv_kind):
+    """A stem whose conv trains nothing (one pass, no conv gradient) or whose weight is a
+    parametrization (its gradient rows are not separable by channel: the two-pass path)."""
+    torch.manual_seed(7)
+    modules = _block(True, True, True, 1, 0, "relu_pool")
+    if conv_kind == "frozen":
+        modules[0].weight.requires_grad_(False)
+        modules[0].bias.requires_grad_(False)
+    else:
+        torch.nn.utils.parametrizations.weight_norm(modules[0])
+    reference = nn.Sequential(*copy.deepcopy(modules))
+    reference[2].inplace = False
+    x = torch.randn(6, 3, 10, 10, dtype=torch.float64)
+    expected = reference(x)
+    g = torch.randn_like(expected)
+    expected.backward(g)
+    chunked_block(x, ChunkedBlock.from_modules(modules, 3)).backward(g)
+    for m, r in zip(modules, reference):
+        for p, q in zip(m.parameters(), r.parameters()):
+            assert (p.grad is None) == (not q.requires_grad)
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_dropout_masks_are_drawn_per_chunk_and_redrawn_identically():

@@ -154,6 +154,24 @@ def test_lance_training_factor_is_orthogonal_to_protected_basis_and_cores_are_sm
         assert log[name]["train_rank"] == rank
 
 
+def test_a_recomputed_stem_conv_keeps_its_position_mode_whole():
+    """conv1 sits in SmallCNN's stem: recomputed in backward once compacted, so it gets no
+    position factor (its core is never stored); conv2 still gets one."""
+    from lance_cl import compact_activations
+
+    bm = digits_benchmark(1)
+    ranks = {}
+    for recompute in ((), ("stem",)):
+        model = make_model(1)
+        compact_activations(model, recompute=recompute)
+        plugin = LanceCLPlugin(eps=0.9, position_eps=0.5)
+        strategy_with(plugin, model, epochs=1).train(bm.train_stream[0])
+        ranks[recompute] = {n: plugin.layer_log[0]["layers"][n]["ranks"] for n in ("conv1", "conv2")}
+    assert ranks[()]["conv1"][2] is not None and ranks[()]["conv2"][2] is not None
+    assert ranks[("stem",)]["conv1"][2] is None
+    assert ranks[("stem",)]["conv2"][2] is not None
+
+
 def test_first_task_full_backprop_variant_trains_task_one_uncompressed():
     bm = digits_benchmark(2)
     model = make_model(2)

@@ -355,3 +355,17 @@ def test_alexnet_stem_recompute_is_exact():
     assert _global_rel_error(model, plain) < 1e-10
     lance_cl.uncompact_activations(model)
     assert model.recomputed_segments == set()
+
+
+def test_recomputed_layer_names_are_the_recomputed_chains_and_submodules():
+    from lance_cl.compact import recomputed_layer_names
+    from lance_cl.models import AlexNet5
+
+    model = AlexNet5(n_tasks=1)
+    assert recomputed_layer_names(model) == set()
+    lance_cl.compact_activations(model, recompute=["stem"])
+    assert recomputed_layer_names(model) == {"conv1", "bn1", "relu", "drop1", "pool"}
+    seq = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+                        nn.Conv2d(4, 2, 1))
+    lance_cl.compact_activations(seq, recompute=["0"])
+    assert recomputed_layer_names(seq) == {"0.0", "0.1", "0.2"}

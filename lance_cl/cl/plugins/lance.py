@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from ... import wrap
+from ...compact import recomputed_layer_names
 from ...calibration import Calibration
-from ...core.linalg import check_eps, grow_basis, top_eigenvectors, training_subspace
+from ...core.linalg import check_column_ratio, check_eps, grow_basis, top_eigenvectors, training_subspace
 from ...core.tucker import core_shape
 from ...layers import CompressedConv2d, CompressedLayer, LayerMode
 from .base import SubspacePlugin, forward_batch
@@ -47,10 +48,16 @@ class LanceCLPlugin(SubspacePlugin):
             of directions and as a fraction of the fan-in d (at least 1 direction); the
             smaller applies. A cap alone means train_energy=1. Exclusive with train_eps.
         position_eps: energy kept by the output-position mode of conv layers (None: that mode is
-            not compressed).
+            not compressed). Layers recomputed in backward (a compacted stem,
+            ``lance_cl.compact.recomputed_layer_names``) keep that mode whole: their core is
+            never stored, so a smaller one would only cost time and gradient accuracy.
         first_task: "compressed" (default: the memory claim holds on every task) or "full"
             (published variant: task 1 trained with plain backprop).
         calibration_batches: batches of the task used to calibrate (None: all).
+        calibration_column_ratio: each calibration batch adds at most ceil(ratio * n) sampled
+            columns to a Gram of size n (``lance_cl.Calibration``; None: every column). A conv's
+            patches give hundreds of columns per image; 4 keeps the calibration a small part
+            of a task's time (docs/memory.md).
         small_layer_dim: layers with fan-in d <= this take the whole complement of P (80 in the
             reference code).
         basis_samples: samples of the finished task that grow P (GPM uses 125).
@@ -66,7 +73,8 @@ class LanceCLPlugin(SubspacePlugin):
                  position_eps: Optional[float] = 0.9, first_task: str = "compressed",
                  calibration_batches: Optional[int] = None, small_layer_dim: int = 80,
                  train_energy: Optional[float] = None, train_max_rank: Optional[int] = None,
-                 train_max_rank_fraction: Optional[float] = None, **options):
+                 train_max_rank_fraction: Optional[float] = None,
+                 calibration_column_ratio: Optional[float] = 4.0, **options):
         super().__init__(eps=eps, eps_step=eps_step, small_layer_dim=small_layer_dim, **options)
         if first_task not in ("compressed", "full"):
             raise ValueError(f"first_task={first_task!r}: choose 'compressed' or 'full'")
@@ -75,6 +83,7 @@ class LanceCLPlugin(SubspacePlugin):
         self.position_eps = None if position_eps is None else check_eps(position_eps, "position_eps")
         self.first_task = first_task
         self.calibration_batches = calibration_batches
+        self.calibration_column_ratio = check_column_ratio(calibration_column_ratio)
         self.frozen: list[str] = []
         self._grad_projectors: dict[str, torch.Tensor] = {}   # layers that store their input
 
@@ -122,13 +131,19 @@ class LanceCLPlugin(SubspacePlugin):
         if full_backprop:
             return
         loader = self.task_loader(strategy, batch_size=strategy.train_mb_size)
-        calibration = Calibration(model, layers, forward=forward_batch)
+        recomputed = recomputed_layer_names(model)
+        position = {n: self.position_eps is not None and n not in recomputed for n in layers}
+        # a conv without a position factor needs only its fan-in Gram (mode 1 of the patches)
+        fan_in_only = {n: (1,) for n, layer in layers.items()
+                       if isinstance(layer, CompressedConv2d) and not position[n]}
+        calibration = Calibration(model, layers, forward=forward_batch,
+                                  column_ratio=self.calibration_column_ratio, modes=fan_in_only)
         calibration.run(self._device_batches(loader, strategy.device),
                         num_batches=self.calibration_batches, progress=False)
         self.frozen = []
         self._grad_projectors = {}
         for name, layer in layers.items():
-            self._set_training_factors(name, layer, calibration)
+            self._set_training_factors(name, layer, calibration, position=position[name])
 
     def _training_factor(self, name: str, gram: torch.Tensor) -> tuple[torch.Tensor, float, dict]:
         """U_F (d, r) orthogonal to P by the configured rule, the energy P covers, log entries."""
@@ -148,8 +163,10 @@ class LanceCLPlugin(SubspacePlugin):
             info["train_rule"] = "complement"       # small layer: the whole complement of P
         return u, covered, info
 
-    def _set_training_factors(self, name: str, layer: CompressedLayer,
-                              calibration: Calibration) -> None:
+    def _set_training_factors(self, name: str, layer: CompressedLayer, calibration: Calibration,
+                              position: bool = True) -> None:
+        """U_F and (``position``: with a position_eps, unless the layer's input is recomputed in
+        backward, where a smaller core saves nothing) the position factors of one layer."""
         comp = layer.compressor
         grams = calibration.grams(name)
         fan_in_mode = 1 if isinstance(layer, CompressedConv2d) else comp.n_modes - 1
@@ -158,7 +175,7 @@ class LanceCLPlugin(SubspacePlugin):
         factors: list = [None] * comp.n_modes
         factors[fan_in_mode] = u_fan_in.to(dtype)
         for mode, gram in grams.items():
-            if mode != fan_in_mode and self.position_eps is not None:
+            if mode != fan_in_mode and position:
                 factors[mode] = top_eigenvectors(gram, eps=self.position_eps)[0].to(dtype)
         log = self._task_log["layers"][name]
         log.update(rule, train_rank=u_fan_in.shape[1], train_energy_covered_by_P=covered,

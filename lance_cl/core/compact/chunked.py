@@ -17,7 +17,16 @@ dL/dz through the conv's own backward (a compressed layer computes its weight gr
 its core, as usual), dL/dgamma = sum(dL/du * x_hat) and dL/dbeta = sum(dL/du) into the
 BatchNorm's parameters. With running statistics (eval mode) the two means vanish and one pass
 suffices. The gradients are those of the whole-batch block; dropout masks are drawn chunk by
-chunk from the random state saved at the forward, and redrawn identically in both passes.
+chunk from the random state saved at the forward, and redrawn identically in every pass.
+
+When only the conv's own weight and bias want gradients (the stem of a network: its input is
+the data), a single pass does: the conv's backward is linear in dL/dz and each output channel's
+rows of dW and db depend on that channel of dL/dz only, so with per-channel constants
+
+    dW[o] = invstd_o * (gamma_o * dW(dL/du)[o] - m1_o * dW(1)[o] - m2_o * dW(x_hat)[o]),
+
+m1 = mean(g_hat), m2 = mean(g_hat * x_hat), and the three gradients dW(dL/du), dW(1), dW(x_hat)
+(each through the conv's own backward) are summed over the chunks before the means are known.
 
 Like reentrant checkpointing, the backward calls ``torch.autograd.backward`` on the recomputed
 graph, so every leaf the block's modules use (hooks and parametrizations included) receives its
@@ -30,8 +39,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.utils.parametrize  # noqa: F401  (torch.nn.utils.parametrize.is_parametrized)
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from .pooling import compact_max_pool2d
 
 # modules that act on each sample separately, so a chunk of the batch sees what it would whole
 PER_SAMPLE_TYPES: tuple[type, ...] = (
@@ -67,11 +79,43 @@ class ChunkedBlock:
         return n.training or n.running_mean is None
 
     def tail_forward(self, u: Tensor) -> Tensor:
-        """The per-sample ops on u, with their plain forward: what they save lives for one chunk
-        only, and a plain dropout draws the same mask with or without grad."""
+        """The per-sample ops on u, with their plain forward (what they save lives for one chunk
+        only; max-pooling saves in-window offsets, :mod:`.pooling`); dropout draws its mask from
+        the global generator (:func:`_dropout`), the same with or without grad."""
         for module in self.tail:
-            u = getattr(module, "plain_type", type(module)).forward(module, u)
+            if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+                u = _dropout(u, module)
+            elif isinstance(module, nn.MaxPool2d) and not module.return_indices:
+                u = compact_max_pool2d(u, module.kernel_size, module.stride, module.padding,
+                                       module.dilation, module.ceil_mode)
+            else:
+                u = getattr(module, "plain_type", type(module)).forward(module, u)
         return u
+
+    def separable_conv_params(self) -> Optional[list[Tensor]]:
+        """The conv's weight and bias that want gradients when they are all it trains and each
+        output channel's gradient rows depend on that channel's dL/dz only (no parametrization);
+        None otherwise."""
+        conv = self.conv
+        if torch.nn.utils.parametrize.is_parametrized(conv):
+            return None
+        named = [(n, p) for n, p in conv.named_parameters() if p.requires_grad]
+        if any(n not in ("weight", "bias") or p.shape[0] != conv.out_channels for n, p in named):
+            return None
+        return [p for _, p in named]
+
+
+def _dropout(u: Tensor, module: nn.Module) -> Tensor:
+    """Training-mode dropout (element-wise, or per channel for Dropout2d) with a keep-mask drawn
+    as uniform < 1 - p: the same distribution as ``F.dropout``, about twice as fast on a CPU."""
+    p = float(module.p)
+    if not module.training or p == 0.0:
+        return u
+    if p == 1.0:
+        return u * 0.0
+    shape = u.shape if isinstance(module, nn.Dropout) else u.shape[:2] + (1,) * (u.dim() - 2)
+    keep = torch.rand(shape, dtype=u.dtype, device=u.device) < (1.0 - p)
+    return (u * keep).mul_(1.0 / (1.0 - p))
 
 
 def chunk_count(conv: nn.Conv2d, x: Tensor, max_chunks: int, chunk_bytes: int) -> int:
@@ -172,9 +216,12 @@ class _ChunkedBlockFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x) if want_x else None
         grad_x_parts = grad_x.tensor_split(block.chunks) if want_x else [None] * len(parts)
         sum_du, sum_du_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
+        separable = None if want_x else block.separable_conv_params()
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             _set_rng_state(rng, x)
-            if block.statistics():
+            if block.statistics() and separable is not None:
+                sum_du, sum_du_xhat = _one_pass(block, parts, grads, mean, invstd, separable)
+            elif block.statistics():
                 # pass 1: sum(dL/du) and sum(dL/du * x_hat) per channel, which give the two
                 # means of g_hat = dL/du * gamma that couple the chunks
                 for p, g in zip(parts, grads):
@@ -247,6 +294,39 @@ def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, mean: Tensor, inv
     if grad_x is not None:
         grad_x.copy_(xc.grad)
     return sums
+
+
+def _one_pass(block: ChunkedBlock, parts: Sequence[Tensor], grads: Sequence[Tensor], mean: Tensor,
+              invstd: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Batch statistics, gradients wanted for ``params`` (the conv's separable weight / bias,
+    possibly none) and no input gradient: one recomputation per chunk (module doc). Returns
+    sum(dL/du) and sum(dL/du * x_hat) per channel; the conv's gradients are accumulated."""
+    norm = block.norm
+    sum_du, sum_du_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
+    terms = [[torch.zeros_like(p) for p in params] for _ in range(3)]   # dW(du), dW(1), dW(x_hat)
+    positions = 0
+    for p, g in zip(parts, grads):
+        with torch.enable_grad() if params else torch.no_grad():
+            zc = block.conv(p.detach())
+        x_hat = _normalise(zc.detach(), mean, invstd)
+        du = _tail_grad(block, x_hat, g)
+        sum_du += du.sum(dim=(0, 2, 3))
+        sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
+        positions += du.numel() // du.shape[1]
+        if params:
+            for i, grad_z in enumerate((du, torch.ones_like(du), x_hat)):
+                parts_grad = torch.autograd.grad(zc, params, grad_z, retain_graph=i < 2)
+                for acc, part in zip(terms[i], parts_grad):
+                    acc += part
+        del zc, x_hat, du
+    gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(mean)
+    m1, m2 = gamma * sum_du / positions, gamma * sum_du_xhat / positions
+    for j, param in enumerate(params):
+        shape = (-1,) + (1,) * (param.dim() - 1)
+        c = lambda t: t.reshape(shape).to(param.dtype)                      # noqa: E731
+        grad = c(invstd) * (c(gamma) * terms[0][j] - c(m1) * terms[1][j] - c(m2) * terms[2][j])
+        _accumulate(param, grad)
+    return sum_du, sum_du_xhat
 
 
 def _accumulate(param: Optional[Tensor], grad: Tensor) -> None:
