@@ -190,6 +190,12 @@ class Calibration:
                                    f"reached it); check forward= and the batches")
         return grams
 
+    def columns(self, name: str) -> dict[int, int]:
+        """Per mode of layer ``name``: the columns its Gram sums, a bound on the Gram's rank
+        ({} where the method's statistics do not count them)."""
+        self.grams(name)
+        return self._stats(name).columns()
+
     def shape(self, name: str) -> tuple[int, ...]:
         """Per-sample shape of layer ``name``'s activation view during calibration."""
         self.grams(name)

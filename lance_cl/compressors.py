@@ -94,6 +94,11 @@ class CalibrationStatistics:
         """Gram matrix X_(m) X_(m)^T per compressed mode m ({} before the first batch)."""
         raise NotImplementedError
 
+    def columns(self) -> dict[int, int]:
+        """Per mode, how many columns of the unfoldings its Gram sums (a bound on its rank);
+        {} where the statistics do not count them."""
+        return {}
+
     def _check_shape(self, view: Tensor) -> None:
         if self.shape is None:
             self.shape = tuple(view.shape[1:])
@@ -123,6 +128,9 @@ class SummedGrams(CalibrationStatistics):
 
     def grams(self) -> dict[int, Tensor]:
         return {} if self._sum is None else dict(self._sum.grams)
+
+    def columns(self) -> dict[int, int]:
+        return {} if self._sum is None else dict(self._sum.columns)
 
 
 class FirstBatchGrams(CalibrationStatistics):

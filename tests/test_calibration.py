@@ -54,7 +54,7 @@ def test_conv_channel_gram_sums_over_batch_and_positions():
 
 
 def test_a_column_ratio_samples_conv_patches_and_keeps_every_linear_row():
-    """ratio 1: a conv's fan-in Gram (18 patch rows per image, 18 fan-in) gets 18 of 144
+    """ratio 1: a conv's fan-in Gram (9 patch rows per image, 18 fan-in) gets 18 of 72
     columns per batch, an unbiased estimate; a Linear with fewer rows than its fan-in keeps
     all of them, so its Gram is exact."""
     torch.manual_seed(0)
@@ -67,7 +67,8 @@ def test_a_column_ratio_samples_conv_patches_and_keeps_every_linear_row():
     conv_exact, conv_sampled = exact.grams("0")[1], sampled.grams("0")[1]
     assert conv_sampled.shape == conv_exact.shape == (18, 18)
     assert not torch.allclose(conv_sampled, conv_exact)
-    # unbiased: the trace (total energy) is close, not equal (it is a sum of 54 of 432 columns)
+    assert sampled.columns("0") == {1: 3 * 18, 2: 3 * 9} and exact.columns("2") == {1: 24}
+    # unbiased: the trace (total energy) is close, not equal (it is a sum of 54 of 216 columns)
     assert abs(float(conv_sampled.trace() / conv_exact.trace()) - 1) < 0.5
     with pytest.raises(ValueError, match="column_ratio"):
         Calibration(model, column_ratio=0)

@@ -245,7 +245,10 @@ def test_gpm_projects_gradients_and_sgp_importances_follow_the_formula():
     from lance_cl.cl.subspace import collect_fan_in_grams
     from lance_cl.cl.protocol import mixed_loader
     loader = mixed_loader(bm.train_stream[0].dataset, 128)   # the plugin's sample order
-    grams = collect_fan_in_grams(model, ["fc1"], loader, forward_batch, max_samples=125)
+    rows: dict = {}
+    grams = collect_fan_in_grams(model, ["fc1", "conv1"], loader, forward_batch, max_samples=125,
+                                 rows=rows)
+    assert rows == {"fc1": 125, "conv1": 125 * 8 * 8}        # samples; samples x positions
     p = plugin.bases["fc1"].double()
     s = torch.einsum("dk,de,ek->k", p, grams["fc1"], p).sqrt()
     expected = 11 * s / (10 * s + s.max())

@@ -13,8 +13,8 @@ from torch.autograd.graph import saved_tensors_hooks
 
 import lance_cl
 from lance_cl.core.compact import (compact_batch_norm, compact_dropout, compact_max_pool2d,
-                                   masked_activation, pack_bits, packed_nbytes, recompute_segment,
-                                   unpack_bits)
+                                   fast_max_pool2d, masked_activation, pack_bits, packed_nbytes,
+                                   recompute_segment, unpack_bits)
 
 
 def saved_storages(fn) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
@@ -104,6 +104,7 @@ def test_max_pool_matches_autograd(k, s, p, d, ceil):
     expected = F.max_pool2d(x, k, s, p, d, ceil)
     y = compact_max_pool2d(x, k, s, p, d, ceil)
     assert torch.equal(y, expected)
+    assert torch.equal(fast_max_pool2d(x.detach(), k, s, p, d, ceil), expected)   # no-grad path
     g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
     # overlapping windows add in another order than PyTorch's scatter: equal to rounding
     torch.testing.assert_close(grads(y, x, g)[0], grads(expected, x, g)[0], rtol=1e-15, atol=1e-14)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from lance_cl.core.budget import BudgetTooSmallError, select_under_budget
 from lance_cl.core.conv2d import ConvSpec, GradientFilterConv2dFunction
 from lance_cl.core.linalg import (GramAccumulator, check_column_ratio, check_eps,
-                                  complement_projector_apply, grow_basis, energy_rank, mode_basis,
+                                  complement_projector_apply, grow_basis, energy_rank,
+                                  low_rank_eigh, mode_basis,
                                   mode_gram, orthonormalize, random_orthonormal, residual_rank,
                                   sampled_mode_gram, subspace_iteration, top_eigenvectors,
                                   training_subspace)
@@ -164,6 +165,7 @@ def test_gram_accumulator_with_a_column_ratio_samples_privately():
         again.update(b)
     torch.testing.assert_close(again.grams[1], narrow.grams[1], rtol=0, atol=0)   # reproducible
     assert not torch.allclose(narrow.grams[1], exact.grams[1])   # 5 of 54 columns per batch
+    assert exact.columns == {1: 3 * 54, 2: 3 * 30} and narrow.columns == {1: 3 * 5, 2: 3 * 9}
     assert torch.linalg.eigvalsh(narrow.grams[1]).min() > -1e-9
 
 
@@ -288,6 +290,32 @@ def test_a_capped_training_subspace_is_the_leading_part_of_the_uncapped_one(ener
     residual = c - p @ (p.t() @ c)
     residual = residual - (residual @ p) @ p.t()
     assert kept == pytest.approx(float(torch.trace(u.t() @ c @ u) / torch.trace(residual)), rel=1e-9)
+
+
+def test_low_rank_eigh_recovers_the_eigenpairs_of_a_rank_bounded_gram():
+    g = torch.Generator().manual_seed(8)
+    rows = torch.randn(12, 50, generator=g, dtype=DT) * torch.linspace(4, 0.5, 12, dtype=DT).view(-1, 1)
+    c = rows.t() @ rows                                        # (50, 50), rank 12
+    lam, vec = low_rank_eigh(c, rank_bound=12)
+    assert lam.shape == (20,) and vec.shape == (50, 20)        # 12 + 8 oversampling
+    exact = torch.linalg.eigvalsh(c).flip(0)
+    torch.testing.assert_close(lam[:12], exact[:12], rtol=1e-9, atol=1e-9)
+    assert lam[12:].abs().max() < 1e-9
+    torch.testing.assert_close(vec[:, :12] * lam[:12] @ vec[:, :12].t(), c, rtol=0, atol=1e-8)
+    torch.testing.assert_close(low_rank_eigh(c, rank_bound=45)[0], exact)   # too high: full eigh
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.9, 0.999])
+def test_grow_basis_with_a_rank_bound_gives_the_same_directions(eps):
+    g = torch.Generator().manual_seed(9)
+    rows = torch.randn(20, 300, generator=g, dtype=DT) * torch.linspace(3, 0.2, 20, dtype=DT).view(-1, 1)
+    c = rows.t() @ rows
+    p = torch.linalg.qr(torch.randn(300, 30, generator=g, dtype=DT))[0]
+    u, covered = grow_basis(c, p, eps)
+    u_low, covered_low = grow_basis(c, p, eps, rank_bound=20)
+    assert u_low.shape == u.shape and covered_low == pytest.approx(covered, rel=1e-5)
+    torch.testing.assert_close(u_low @ u_low.t(), u @ u.t(), atol=1e-4, rtol=0)   # float32 solver
+    assert (u_low.t() @ p).abs().max() < 1e-10
 
 
 def test_training_subspace_is_empty_when_the_basis_covers_everything():

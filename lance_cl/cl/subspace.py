@@ -87,17 +87,23 @@ def protected_layer_names(model: nn.Module, layers: Optional[Sequence[str]] = No
 @torch.no_grad()
 def collect_fan_in_grams(model: nn.Module, names: Sequence[str], batches: Iterable[Any],
                          forward: Callable[[nn.Module, Any], Any],
-                         max_samples: Optional[int] = None) -> dict[str, Tensor]:
+                         max_samples: Optional[int] = None,
+                         rows: Optional[dict[str, int]] = None) -> dict[str, Tensor]:
     """Sum of fan-in Gram matrices (d, d), float64, of each named layer's input over ``batches``
-    (the GPM representation matrix R R^T), using at most ``max_samples`` samples. Eval mode."""
+    (the GPM representation matrix R R^T), using at most ``max_samples`` samples. Eval mode.
+    ``rows``: filled with the number of fan-in vectors summed per layer (a bound on the Gram's
+    rank: samples for a Linear, samples x positions for a conv)."""
     grams: dict[str, Tensor] = {}
     handles = []
     for name in names:
         module = model.get_submodule(name)
 
         def hook(mod, inputs, output, name=name):
-            g = mode_gram(fan_in_view(mod, inputs[0].detach()).to(torch.float64), 1)
+            view = fan_in_view(mod, inputs[0].detach())
+            g = mode_gram(view.to(torch.float64), 1)
             grams[name] = g if name not in grams else grams[name] + g
+            if rows is not None:
+                rows[name] = rows.get(name, 0) + view.numel() // view.shape[1]
         handles.append(module.register_forward_hook(hook))
     seen = 0
     try:

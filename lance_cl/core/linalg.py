@@ -119,6 +119,29 @@ def random_orthonormal(
     return orthonormalize(gaussian).to(device=device, dtype=dtype)
 
 
+LOW_RANK_OVERSAMPLING = 8
+
+
+def low_rank_eigh(gram: Tensor, rank_bound: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of a PSD matrix of rank <= ``rank_bound`` (a Gram summed from that many
+    rows), eigenvalues descending: (lam (k,), V (n, k)), k = min(n, rank_bound + 8); the
+    other eigenvalues are 0. C Omega for a Gaussian Omega (n, k) spans range(C) exactly, so
+    the eigenpairs of Q^T C Q (Q = orth(C Omega)) are those of C at O(n^2 k) instead of O(n^3)
+    (the randomized range finder of Halko, Martinsson & Tropp, SIAM Review 2011, exact here
+    because the rank is bounded).
+    Omega comes from a private generator seeded by ``seed``. gram: (n, n)."""
+    n = gram.shape[0]
+    k = min(n, int(rank_bound) + LOW_RANK_OVERSAMPLING)
+    if k >= n:
+        return sorted_eigh(gram)
+    work = decomposition_dtype(gram.dtype)
+    c = gram.to(work)
+    omega = torch.randn(n, k, generator=torch.Generator().manual_seed(int(seed)), dtype=work)
+    q = torch.linalg.qr(c @ omega.to(c.device))[0]
+    lam, v = sorted_eigh(q.t() @ c @ q)
+    return lam, q @ v
+
+
 def subspace_iteration(x: Tensor, mode: int, previous: Tensor) -> Tensor:
     """One warm-started subspace-iteration step (ASI Algorithm 1) on mode ``mode`` of ``x``:
     U = orth(X_(m) X_(m)^T U_prev), computed as X_(m) (X_(m)^T U_prev) without unfolding x.
@@ -154,7 +177,8 @@ def complement_basis(basis: Optional[Tensor], dim: int, dtype: torch.dtype = tor
 
 
 def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
-               take_all: bool = False, max_rank: Optional[int] = None) -> tuple[Tensor, float]:
+               take_all: bool = False, max_rank: Optional[int] = None,
+               rank_bound: Optional[int] = None) -> tuple[Tensor, float]:
     """New directions orthogonal to ``basis`` by the GPM energy rule.
 
     gram: C (d, d) of the inputs; basis: P (d, k) orthonormal or None. With E = tr(C) and
@@ -164,6 +188,8 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
     coordinates, so zero-energy directions are orthogonal to P too). Only positive-energy
     directions are ever taken otherwise; they are re-orthogonalised against P in float64.
     ``max_rank``: at most that many directions (the leading ones; not with ``take_all``).
+    ``rank_bound``: rank(C) is at most this (the rows summed into it); far below d the residual
+    is decomposed by :func:`low_rank_eigh`, the same eigenpairs at a fraction of the cost.
     Returns (U (d, r) orthonormal, possibly r = 0; a), on the Gram's device (P may live
     elsewhere, e.g. on the CPU while the Gram was accumulated on a GPU).
     """
@@ -181,7 +207,11 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
     residual = complement_projector_apply(c, p)
     # float32 eigensolver (twice as fast on large fan-ins); the result is re-orthogonalised
     # against P and orthonormalised in float64 below
-    lam, vec = sorted_eigh(residual.float() if d > 256 else residual)
+    residual = residual.float() if d > 256 else residual
+    if rank_bound is not None and 2 * (rank_bound + LOW_RANK_OVERSAMPLING) < d:
+        lam, vec = low_rank_eigh(residual, rank_bound)
+    else:
+        lam, vec = sorted_eigh(residual)
     lam, vec = lam.to(work).clamp_min(0), vec.to(work)
     covered = 1.0 if total <= 0 else float(((total - lam.sum()) / total).item())
     positive = int((lam > lam[0] * 1e-10).sum().item()) if lam.numel() and lam[0] > 0 else 0
@@ -216,13 +246,15 @@ def residual_rank(mu: Tensor, energy: float, max_rank: Optional[int] = None,
 
 def training_subspace(gram: Tensor, basis: Optional[Tensor], energy: float,
                       max_rank: Optional[int] = None, take_all: bool = False,
-                      min_residual: float = 1e-9) -> tuple[Tensor, float, float]:
+                      min_residual: float = 1e-9,
+                      rank_bound: Optional[int] = None) -> tuple[Tensor, float, float]:
     """Directions orthogonal to ``basis`` keeping ``energy`` of the *residual* energy tr(C_res).
 
     gram: C (d, d); basis: P (d, k) orthonormal or None. U holds the leading eigenvectors of
     C_res = (I - PP^T) C (I - PP^T) (those :func:`grow_basis` gives at eps = 1), as many as
     :func:`residual_rank` keeps of their energies mu_i = u_i^T C u_i, so rank >= 1 whenever
-    tr(C_res) > ``min_residual`` * tr(C) (below that it is rounding noise of the projection:
+    tr(C_res) > ``min_residual`` * tr(C) (``rank_bound``: as in :func:`grow_basis`; below
+    ``min_residual`` it is rounding noise of the projection:
     P is stored in float32). ``take_all``: the whole complement of P, no rule. Returns
     (U (d, r), a = energy P covers as in grow_basis, fraction of tr(C_res) inside span(U)).
     """
@@ -231,7 +263,7 @@ def training_subspace(gram: Tensor, basis: Optional[Tensor], energy: float,
     # spectrum enters through its total, tr(C_res) = (1 - a) tr(C), not its eigenvectors
     capped = max_rank is not None and not take_all
     u, covered = grow_basis(gram, basis, 1.0, take_all=take_all,
-                            max_rank=max_rank if capped else None)
+                            max_rank=max_rank if capped else None, rank_bound=rank_bound)
     if take_all:
         return u, covered, 1.0
     if u.shape[1] == 0 or 1.0 - covered <= min_residual:
@@ -291,6 +323,7 @@ class GramAccumulator:
         self.grams: dict[int, Tensor] = {}
         self.num_batches = 0
         self.inconsistent_modes: set[int] = set()
+        self.columns: dict[int, int] = {}      # per mode: columns summed (a bound on the rank)
         self.column_ratio = check_column_ratio(column_ratio)
         self._generator: Optional[torch.Generator] = None
         if self.column_ratio is not None:
@@ -301,15 +334,18 @@ class GramAccumulator:
         """Add one batch. x: the activation in its layout's modes."""
         with torch.no_grad():
             for m in self.modes:
+                available = x.numel() // max(x.shape[m], 1)
                 if self.column_ratio is None:
-                    g = mode_gram(x, m)
+                    g, used = mode_gram(x, m), available
                 else:
-                    columns = math.ceil(self.column_ratio * x.shape[m])
-                    g = sampled_mode_gram(x, m, columns, self._generator)
+                    used = min(available, math.ceil(self.column_ratio * x.shape[m]))
+                    g = sampled_mode_gram(x, m, used, self._generator)
                 if m not in self.grams:
                     self.grams[m] = g
+                    self.columns[m] = used
                 elif self.grams[m].shape != g.shape:
                     self.inconsistent_modes.add(m)
                 else:
                     self.grams[m] += g
+                    self.columns[m] += used
         self.num_batches += 1

@@ -133,13 +133,14 @@ class SubspacePlugin(SupervisedPlugin):
         model = strategy.model
         names = self.protected_names(model)
         loader = self.task_loader(strategy, dataset=dataset)
+        rows: dict[str, int] = {}
         grams = collect_fan_in_grams(model, names, self._device_batches(loader, strategy.device),
-                                     forward_batch, max_samples=self.basis_samples)
+                                     forward_batch, max_samples=self.basis_samples, rows=rows)
         eps_t = self.threshold(self.tasks_trained)
         for name in names:
             old = self.bases.get(name)
             d = fan_in_dim(model.get_submodule(name))
-            new, covered = grow_basis(grams[name], old, eps_t)
+            new, covered = grow_basis(grams[name], old, eps_t, rank_bound=rows.get(name))
             self.update_basis(name, old, new, grams[name])
             self._task_log["layers"][name].update(
                 basis_before=0 if old is None else old.shape[1], basis_added=new.shape[1],

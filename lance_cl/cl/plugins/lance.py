@@ -145,18 +145,21 @@ class LanceCLPlugin(SubspacePlugin):
         for name, layer in layers.items():
             self._set_training_factors(name, layer, calibration, position=position[name])
 
-    def _training_factor(self, name: str, gram: torch.Tensor) -> tuple[torch.Tensor, float, dict]:
-        """U_F (d, r) orthogonal to P by the configured rule, the energy P covers, log entries."""
+    def _training_factor(self, name: str, gram: torch.Tensor, rank_bound: Optional[int] = None
+                         ) -> tuple[torch.Tensor, float, dict]:
+        """U_F (d, r) orthogonal to P by the configured rule, the energy P covers, log entries;
+        ``rank_bound``: the columns summed into the Gram (a bound on its rank)."""
         d = gram.shape[0]
         take_all = d <= self.small_layer_dim
         basis = self.bases.get(name)
         if self.train_energy is None:
             threshold = self.train_eps if self.train_eps is not None else self.threshold(self.tasks_trained)
-            u, covered = grow_basis(gram, basis, threshold, take_all=take_all)
+            u, covered = grow_basis(gram, basis, threshold, take_all=take_all, rank_bound=rank_bound)
             info = {"train_rule": "total_energy", "train_threshold": threshold}
         else:
             cap = self.rank_cap(d)
-            u, covered, kept = training_subspace(gram, basis, self.train_energy, cap, take_all)
+            u, covered, kept = training_subspace(gram, basis, self.train_energy, cap, take_all,
+                                                 rank_bound=rank_bound)
             info = {"train_rule": "residual_energy", "train_threshold": self.train_energy,
                     "train_rank_cap": cap, "train_residual_energy_kept": kept}
         if take_all:
@@ -170,7 +173,8 @@ class LanceCLPlugin(SubspacePlugin):
         comp = layer.compressor
         grams = calibration.grams(name)
         fan_in_mode = 1 if isinstance(layer, CompressedConv2d) else comp.n_modes - 1
-        u_fan_in, covered, rule = self._training_factor(name, grams[fan_in_mode])
+        u_fan_in, covered, rule = self._training_factor(
+            name, grams[fan_in_mode], calibration.columns(name).get(fan_in_mode))
         dtype = layer.weight.dtype
         factors: list = [None] * comp.n_modes
         factors[fan_in_mode] = u_fan_in.to(dtype)

@@ -63,14 +63,28 @@ def offsets_to_indices(offsets: Tensor, in_w: int, kernel, stride, padding, dila
     return _origins(offsets.shape[-2:], in_w, stride, padding, offsets.device) + shift[offsets.long()]
 
 
+def _channels_last_on_cpu(x: Tensor) -> Tensor:
+    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def max_pool2d_with_indices(x: Tensor, kernel, stride, padding, dilation,
                             ceil_mode: bool) -> tuple[Tensor, Tensor]:
     """``F.max_pool2d(..., return_indices=True)``, on a CPU through channels-last memory (the
     same values and indices, faster). x: (B, C, H, W) -> (y, int64 indices), both contiguous."""
-    if x.device.type == "cpu" and x.is_contiguous():
-        x = x.contiguous(memory_format=torch.channels_last)
-    y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    y, idx = F.max_pool2d(_channels_last_on_cpu(x), kernel, stride, padding, dilation, ceil_mode,
+                          return_indices=True)
     return y.contiguous(), idx.contiguous()
+
+
+def fast_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
+                    ceil_mode: bool = False) -> Tensor:
+    """``F.max_pool2d`` values (nothing saved for backward when called without grad), through
+    channels-last memory on a CPU: the same values, faster. x: (B, C, H, W) or (C, H, W)."""
+    stride = kernel_size if stride is None or stride == [] or stride == () else stride
+    return F.max_pool2d(_channels_last_on_cpu(x), kernel_size, stride, padding, dilation,
+                        ceil_mode).contiguous()
 
 
 class CompactMaxPool2dFunction(torch.autograd.Function):
