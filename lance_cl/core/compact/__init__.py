@@ -24,5 +24,5 @@ from .recompute import recompute_segment
 
 __all__ = ["MaskedActivationFunction", "masked_activation", "CompactBatchNormFunction",
            "compact_batch_norm", "BATCH_NORM_STORAGES", "CompactDropoutFunction", "compact_dropout",
-           "keep_mask", "DROPOUT_MODES", "CompactMaxPool2dFunction", "compact_max_pool2d", "fast_max_pool2d",
-           "pack_bits", "unpack_bits", "packed_nbytes", "recompute_segment"]
+           "keep_mask", "DROPOUT_MODES", "CompactMaxPool2dFunction", "compact_max_pool2d",
+           "fast_max_pool2d", "pack_bits", "unpack_bits", "packed_nbytes", "recompute_segment"]

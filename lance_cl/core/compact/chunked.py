@@ -17,7 +17,8 @@ dL/dz through the conv's own backward (a compressed layer computes its weight gr
 its core, as usual), dL/dgamma = sum(dL/du * x_hat) and dL/dbeta = sum(dL/du) into the
 BatchNorm's parameters. With running statistics (eval mode) the two means vanish and one pass
 suffices. The gradients are those of the whole-batch block; dropout masks are drawn chunk by
-chunk from the random state saved at the forward, and redrawn identically in every pass.
+chunk from private generators seeded by one seed the forward draws from the global generator
+(:func:`chunk_seed`), and redrawn identically in every pass.
 
 When only the conv's own weight and bias want gradients (the stem of a network: its input is
 the data), a single pass does: the conv's backward is linear in dL/dz and each output channel's
@@ -43,6 +44,7 @@ import torch.nn.utils.parametrize  # noqa: F401  (torch.nn.utils.parametrize.is_
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .dropout import draw_seed, keep_mask
 from .pooling import compact_max_pool2d
 
 # modules that act on each sample separately, so a chunk of the batch sees what it would whole
@@ -78,13 +80,13 @@ class ChunkedBlock:
         n = self.norm
         return n.training or n.running_mean is None
 
-    def tail_forward(self, u: Tensor) -> Tensor:
+    def tail_forward(self, u: Tensor, seed: int) -> Tensor:
         """The per-sample ops on u, with their plain forward (what they save lives for one chunk
-        only; max-pooling saves in-window offsets, :mod:`.pooling`); dropout draws its mask from
-        the global generator (:func:`_dropout`), the same with or without grad."""
-        for module in self.tail:
+        only; max-pooling saves in-window offsets, :mod:`.pooling`); the j-th op's dropout mask
+        is drawn from ``seed + j`` (:func:`_dropout`), the same with or without grad."""
+        for j, module in enumerate(self.tail):
             if isinstance(module, (nn.Dropout, nn.Dropout2d)):
-                u = _dropout(u, module)
+                u = _dropout(u, module, seed + j)
             elif isinstance(module, nn.MaxPool2d) and not module.return_indices:
                 u = compact_max_pool2d(u, module.kernel_size, module.stride, module.padding,
                                        module.dilation, module.ceil_mode)
@@ -105,17 +107,23 @@ class ChunkedBlock:
         return [p for _, p in named]
 
 
-def _dropout(u: Tensor, module: nn.Module) -> Tensor:
-    """Training-mode dropout (element-wise, or per channel for Dropout2d) with a keep-mask drawn
-    as uniform < 1 - p: the same distribution as ``F.dropout``, about twice as fast on a CPU."""
+def _dropout(u: Tensor, module: nn.Module, seed: int) -> Tensor:
+    """Training-mode dropout (element-wise, or per channel for Dropout2d) with the keep-mask
+    :func:`~lance_cl.core.compact.dropout.keep_mask` draws from ``seed``: the distribution of
+    ``F.dropout``, several times faster on a CPU."""
     p = float(module.p)
     if not module.training or p == 0.0:
         return u
     if p == 1.0:
         return u * 0.0
     shape = u.shape if isinstance(module, nn.Dropout) else u.shape[:2] + (1,) * (u.dim() - 2)
-    keep = torch.rand(shape, dtype=u.dtype, device=u.device) < (1.0 - p)
-    return (u * keep).mul_(1.0 / (1.0 - p))
+    return (u * keep_mask(shape, p, seed, u.device)).mul_(1.0 / (1.0 - p))
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of chunk ``chunk``'s tail (its j-th op draws from the result + j), from the one
+    seed a chunked block's forward draws."""
+    return (int(seed) + 7919 * int(chunk)) % (2 ** 62)
 
 
 def chunk_count(conv: nn.Conv2d, x: Tensor, max_chunks: int, chunk_bytes: int) -> int:
@@ -132,19 +140,6 @@ def chunk_count(conv: nn.Conv2d, x: Tensor, max_chunks: int, chunk_bytes: int) -
         spatial.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
     out_bytes = x.shape[0] * conv.out_channels * math.prod(spatial) * x.element_size()
     return max(1, min(max_chunks, x.shape[0], math.ceil(out_bytes / max(chunk_bytes, 1))))
-
-
-def _rng_state(x: Tensor) -> Tensor:
-    if x.is_cuda:
-        return torch.cuda.get_rng_state(x.device)
-    return torch.get_rng_state()
-
-
-def _set_rng_state(state: Tensor, x: Tensor) -> None:
-    if x.is_cuda:
-        torch.cuda.set_rng_state(state, x.device)
-    else:
-        torch.set_rng_state(state)
 
 
 def _channel(t: Tensor) -> Tensor:
@@ -166,7 +161,7 @@ def _update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean: Tensor, v
 
 
 class _ChunkedBlockFunction(torch.autograd.Function):
-    """out = block(x); saves x, the normalisation (mean, invstd) and the random state."""
+    """out = block(x); saves x, the normalisation (mean, invstd) and its dropout masks' seed."""
 
     @staticmethod
     def forward(x: Tensor, block: ChunkedBlock, *params: Tensor):
@@ -186,62 +181,60 @@ class _ChunkedBlockFunction(torch.autograd.Function):
         else:
             mean, var = norm.running_mean.clone(), norm.running_var
         invstd = torch.rsqrt(var + norm.eps)
-        rng = _rng_state(x)
+        seed = draw_seed()
         out = None
         for i, zc in enumerate(z_parts):
-            oc = _tail(block, _normalise(zc, mean, invstd), grad=False)[1]
+            oc = _tail(block, _normalise(zc, mean, invstd), chunk_seed(seed, i), grad=False)[1]
             if out is None:
                 out = oc.new_empty((x.shape[0],) + oc.shape[1:])
                 out_parts = out.tensor_split(block.chunks)
             out_parts[i].copy_(oc)
-        return out, mean, invstd, rng
+        return out, mean, invstd, torch.tensor([seed], dtype=torch.int64)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, block = inputs[0], inputs[1]
-        _, mean, invstd, rng = output
+        _, mean, invstd, seed = output
         ctx.block = block
-        ctx.mark_non_differentiable(mean, invstd, rng)
-        ctx.save_for_backward(x, mean, invstd, rng)
+        ctx.mark_non_differentiable(mean, invstd, seed)
+        ctx.save_for_backward(x, mean, invstd, seed)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor, *_):
-        x, mean, invstd, rng = ctx.saved_tensors
+        x, mean, invstd, seed = ctx.saved_tensors
         block: ChunkedBlock = ctx.block
         norm = block.norm
         parts = x.tensor_split(block.chunks)
         grads = grad_out.tensor_split(block.chunks)
+        seeds = [chunk_seed(int(seed[0]), i) for i in range(len(parts))]
         want_x = ctx.needs_input_grad[0]
         grad_x = torch.empty_like(x) if want_x else None
         grad_x_parts = grad_x.tensor_split(block.chunks) if want_x else [None] * len(parts)
         sum_du, sum_du_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
         separable = None if want_x else block.separable_conv_params()
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-            _set_rng_state(rng, x)
-            if block.statistics() and separable is not None:
-                sum_du, sum_du_xhat = _one_pass(block, parts, grads, mean, invstd, separable)
-            elif block.statistics():
-                # pass 1: sum(dL/du) and sum(dL/du * x_hat) per channel, which give the two
-                # means of g_hat = dL/du * gamma that couple the chunks
-                for p, g in zip(parts, grads):
-                    with torch.no_grad():
-                        x_hat = _normalise(block.conv(p), mean, invstd)
-                    du = _tail_grad(block, x_hat, g)
-                    sum_du += du.sum(dim=(0, 2, 3))
-                    sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
-                gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(mean)
-                positions = float(x.shape[0]) * x_hat.shape[2] * x_hat.shape[3]
-                means = (gamma * sum_du / positions, gamma * sum_du_xhat / positions)
-                _set_rng_state(rng, x)
-                for p, g, gx in zip(parts, grads, grad_x_parts):
-                    _chunk_backward(block, p, g, mean, invstd, means, gx)
-            else:
-                # running statistics: dL/dz = g_hat * invstd needs no batch-wide term, one pass
-                for p, g, gx in zip(parts, grads, grad_x_parts):
-                    du_c, du_xhat_c = _chunk_backward(block, p, g, mean, invstd, None, gx)
-                    sum_du += du_c
-                    sum_du_xhat += du_xhat_c
+        if block.statistics() and separable is not None:
+            sum_du, sum_du_xhat = _one_pass(block, parts, grads, seeds, mean, invstd, separable)
+        elif block.statistics():
+            # pass 1: sum(dL/du) and sum(dL/du * x_hat) per channel, which give the two
+            # means of g_hat = dL/du * gamma that couple the chunks
+            for p, g, s in zip(parts, grads, seeds):
+                with torch.no_grad():
+                    x_hat = _normalise(block.conv(p), mean, invstd)
+                du = _tail_grad(block, x_hat, g, s)
+                sum_du += du.sum(dim=(0, 2, 3))
+                sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
+            gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(mean)
+            positions = float(x.shape[0]) * x_hat.shape[2] * x_hat.shape[3]
+            means = (gamma * sum_du / positions, gamma * sum_du_xhat / positions)
+            for p, g, s, gx in zip(parts, grads, seeds, grad_x_parts):
+                _chunk_backward(block, p, g, s, mean, invstd, means, gx)
+        else:
+            # running statistics: dL/dz = g_hat * invstd needs no batch-wide term, one pass
+            for p, g, s, gx in zip(parts, grads, seeds, grad_x_parts):
+                du_c, du_xhat_c = _chunk_backward(block, p, g, s, mean, invstd, None, gx)
+                sum_du += du_c
+                sum_du_xhat += du_xhat_c
         _accumulate(norm.weight, sum_du_xhat)
         _accumulate(norm.bias, sum_du)
         return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
@@ -252,8 +245,9 @@ def _normalise(zc: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     return (zc - _channel(mean)).mul_(_channel(invstd))
 
 
-def _tail(block: ChunkedBlock, x_hat: Tensor, grad: bool) -> tuple[Tensor, Tensor]:
-    """(u, tail(u)) for one chunk, u = the norm's output (a grad-requiring leaf when ``grad``)."""
+def _tail(block: ChunkedBlock, x_hat: Tensor, seed: int, grad: bool) -> tuple[Tensor, Tensor]:
+    """(u, tail(u)) for one chunk, u = the norm's output (a grad-requiring leaf when ``grad``);
+    ``seed``: the chunk's (:func:`chunk_seed`)."""
     norm = block.norm
     if norm.weight is not None:
         u = torch.addcmul(_channel(norm.bias.detach()), x_hat, _channel(norm.weight.detach()))
@@ -261,17 +255,18 @@ def _tail(block: ChunkedBlock, x_hat: Tensor, grad: bool) -> tuple[Tensor, Tenso
         u = x_hat.clone()
     with torch.set_grad_enabled(grad):
         u.requires_grad_(grad)
-        return u, block.tail_forward(u.clone() if grad else u)
+        return u, block.tail_forward(u.clone() if grad else u, seed)
 
 
-def _tail_grad(block: ChunkedBlock, x_hat: Tensor, grad_out: Tensor) -> Tensor:
+def _tail_grad(block: ChunkedBlock, x_hat: Tensor, grad_out: Tensor, seed: int) -> Tensor:
     """dL/du for one chunk, u the norm's output."""
-    u, out = _tail(block, x_hat, grad=True)
+    u, out = _tail(block, x_hat, seed, grad=True)
     (du,) = torch.autograd.grad(out, u, grad_out)
     return du
 
 
-def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, mean: Tensor, invstd: Tensor,
+def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, seed: int, mean: Tensor,
+                    invstd: Tensor,
                     means: Optional[tuple[Tensor, Tensor]], grad_x: Optional[Tensor]
                     ) -> tuple[Tensor, Tensor]:
     """Recompute chunk ``p`` with grad through the conv and send dL/dz back through the conv's
@@ -283,7 +278,7 @@ def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, mean: Tensor, inv
     with torch.enable_grad():
         zc = block.conv(xc)
     x_hat = _normalise(zc.detach(), mean, invstd)
-    du = _tail_grad(block, x_hat, g)
+    du = _tail_grad(block, x_hat, g, seed)
     sums = du.sum(dim=(0, 2, 3)), (du * x_hat).sum(dim=(0, 2, 3))
     grad_z = du * _channel(norm.weight.detach()) if norm.weight is not None else du
     if means is not None:
@@ -296,8 +291,9 @@ def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, mean: Tensor, inv
     return sums
 
 
-def _one_pass(block: ChunkedBlock, parts: Sequence[Tensor], grads: Sequence[Tensor], mean: Tensor,
-              invstd: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _one_pass(block: ChunkedBlock, parts: Sequence[Tensor], grads: Sequence[Tensor],
+              seeds: Sequence[int], mean: Tensor, invstd: Tensor,
+              params: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Batch statistics, gradients wanted for ``params`` (the conv's separable weight / bias,
     possibly none) and no input gradient: one recomputation per chunk (module doc). Returns
     sum(dL/du) and sum(dL/du * x_hat) per channel; the conv's gradients are accumulated."""
@@ -305,11 +301,11 @@ def _one_pass(block: ChunkedBlock, parts: Sequence[Tensor], grads: Sequence[Tens
     sum_du, sum_du_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
     terms = [[torch.zeros_like(p) for p in params] for _ in range(3)]   # dW(du), dW(1), dW(x_hat)
     positions = 0
-    for p, g in zip(parts, grads):
+    for p, g, s in zip(parts, grads, seeds):
         with torch.enable_grad() if params else torch.no_grad():
             zc = block.conv(p.detach())
         x_hat = _normalise(zc.detach(), mean, invstd)
-        du = _tail_grad(block, x_hat, g)
+        du = _tail_grad(block, x_hat, g, s)
         sum_du += du.sum(dim=(0, 2, 3))
         sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
         positions += du.numel() // du.shape[1]
@@ -341,7 +337,7 @@ def _accumulate(param: Optional[Tensor], grad: Tensor) -> None:
 
 def chunked_block(x: Tensor, block: ChunkedBlock) -> Tensor:
     """``block.tail(block.norm(block.conv(x)))`` with the block recomputed chunk by chunk in
-    backward. x: (B, C, H, W). Saves x, (C,) statistics and the random state."""
+    backward. x: (B, C, H, W). Saves x, (C,) statistics and one seed."""
     params = [p for m in (block.conv, block.norm, *block.tail) for p in m.parameters()
               if p.requires_grad]
     out, *_ = _ChunkedBlockFunction.apply(x, block, *params)
