@@ -122,9 +122,11 @@ def random_orthonormal(
 LOW_RANK_OVERSAMPLING = 8
 
 
-def low_rank_eigh(gram: Tensor, rank_bound: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Eigenpairs of a PSD matrix of rank <= ``rank_bound`` (a Gram summed from that many
-    rows), eigenvalues descending: (lam (k,), V (n, k)), k = min(n, rank_bound + 8); the
+def low_rank_eigh(gram: Tensor, rank_bound: int, seed: int = 0,
+                  basis: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of a PSD matrix C of rank <= ``rank_bound`` (a Gram summed from that many
+    rows), or of C_res = (I - PP^T) C (I - PP^T) for an orthonormal ``basis`` P (d, k_P) without
+    forming C_res; eigenvalues descending: (lam (k,), V (n, k)), k = min(n, rank_bound + 8); the
     other eigenvalues are 0. C Omega for a Gaussian Omega (n, k) spans range(C) exactly, so
     the eigenpairs of Q^T C Q (Q = orth(C Omega)) are those of C at O(n^2 k) instead of O(n^3)
     (the randomized range finder of Halko, Martinsson & Tropp, SIAM Review 2011, exact here
@@ -132,12 +134,18 @@ def low_rank_eigh(gram: Tensor, rank_bound: int, seed: int = 0) -> tuple[Tensor,
     Omega comes from a private generator seeded by ``seed``. gram: (n, n)."""
     n = gram.shape[0]
     k = min(n, int(rank_bound) + LOW_RANK_OVERSAMPLING)
+    p = None if basis is None or basis.shape[1] == 0 else basis
     if k >= n:
-        return sorted_eigh(gram)
+        return sorted_eigh(gram if p is None else complement_projector_apply(gram, p))
     work = decomposition_dtype(gram.dtype)
     c = gram.to(work)
+    p = None if p is None else p.to(device=c.device, dtype=work)
+
+    def off_basis(t: Tensor) -> Tensor:           # (I - PP^T) t
+        return t if p is None else t - p @ (p.t() @ t)
+
     omega = torch.randn(n, k, generator=torch.Generator().manual_seed(int(seed)), dtype=work)
-    q = torch.linalg.qr(c @ omega.to(c.device))[0]
+    q = off_basis(torch.linalg.qr(off_basis(c @ off_basis(omega.to(c.device))))[0])
     lam, v = sorted_eigh(q.t() @ c @ q)
     return lam, q @ v
 
@@ -204,14 +212,13 @@ def grow_basis(gram: Tensor, basis: Optional[Tensor], eps: float,
         lam, vec = sorted_eigh(q.t() @ c @ q)
         covered = 1.0 if total <= 0 else float(((total - lam.clamp_min(0).sum()) / total).item())
         return compact(q @ vec), covered
-    residual = complement_projector_apply(c, p)
     # float32 eigensolver (twice as fast on large fan-ins); the result is re-orthogonalised
     # against P and orthonormalised in float64 below
-    residual = residual.float() if d > 256 else residual
     if rank_bound is not None and 2 * (rank_bound + LOW_RANK_OVERSAMPLING) < d:
-        lam, vec = low_rank_eigh(residual, rank_bound)
+        lam, vec = low_rank_eigh(c.float() if d > 256 else c, rank_bound, basis=p)
     else:
-        lam, vec = sorted_eigh(residual)
+        residual = complement_projector_apply(c, p)
+        lam, vec = sorted_eigh(residual.float() if d > 256 else residual)
     lam, vec = lam.to(work).clamp_min(0), vec.to(work)
     covered = 1.0 if total <= 0 else float(((total - lam.sum()) / total).item())
     positive = int((lam > lam[0] * 1e-10).sum().item()) if lam.numel() and lam[0] > 0 else 0
