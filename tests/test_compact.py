@@ -12,9 +12,9 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import lance_cl
-from lance_cl.core.compact import (compact_batch_norm, compact_dropout, compact_max_pool2d,
-                                   fast_max_pool2d, masked_activation, pack_bits, packed_nbytes,
-                                   recompute_segment, unpack_bits)
+from lance_cl.core.compact import (as_factor, compact_batch_norm, compact_dropout,
+                                   compact_max_pool2d, fast_max_pool2d, masked_activation,
+                                   pack_bits, packed_nbytes, recompute_segment, unpack_bits)
 
 
 def saved_storages(fn) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
@@ -370,3 +370,12 @@ def test_recomputed_layer_names_are_the_recomputed_chains_and_submodules():
                         nn.Conv2d(4, 2, 1))
     lance_cl.compact_activations(seq, recompute=["0"])
     assert recomputed_layer_names(seq) == {"0.0", "0.1", "0.2"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_a_mask_as_factor_multiplies_like_the_mask(dtype):
+    x = torch.randn(4, 5, 6).to(dtype)
+    mask = torch.rand(4, 5, 6) > 0.4
+    product = x * as_factor(mask)
+    assert product.dtype == dtype and torch.equal(product, torch.where(mask, x, torch.zeros_like(x)))
+    assert as_factor(mask).data_ptr() == mask.data_ptr()          # a view, no copy

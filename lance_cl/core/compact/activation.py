@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .bitpack import pack_bits, unpack_bits
+from .bitpack import as_factor, pack_bits, unpack_bits
 
 
 def _forward(x: Tensor, kind: str, a: float, b: float, inplace: bool) -> tuple[Tensor, Tensor]:
@@ -57,7 +57,7 @@ class MaskedActivationFunction(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         mask = unpack_bits(packed, ctx.shape)
         if ctx.slope_outside == 0.0:
-            grad = grad_output * mask
+            grad = grad_output * as_factor(mask)
         else:
             grad = torch.where(mask, grad_output, grad_output * ctx.slope_outside)
         return grad, None, None, None, None

@@ -54,3 +54,10 @@ def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
 def packed_nbytes(numel: int) -> int:
     """Bytes :func:`pack_bits` uses for a mask of ``numel`` elements."""
     return (int(numel) + 7) // 8
+
+
+def as_factor(mask: Tensor) -> Tensor:
+    """A bool mask as the 0 / 1 uint8 view of its bytes, to multiply a float tensor by: the
+    product is the same, and on a CPU about 3x faster than by the bool tensor itself, which
+    PyTorch first converts to the float type (docs/memory.md)."""
+    return mask.view(torch.uint8)

@@ -44,6 +44,7 @@ import torch.nn.utils.parametrize  # noqa: F401  (torch.nn.utils.parametrize.is_
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .bitpack import as_factor
 from .dropout import draw_seed, keep_mask
 from .pooling import compact_max_pool2d
 
@@ -117,7 +118,7 @@ def _dropout(u: Tensor, module: nn.Module, seed: int) -> Tensor:
     if p == 1.0:
         return u * 0.0
     shape = u.shape if isinstance(module, nn.Dropout) else u.shape[:2] + (1,) * (u.dim() - 2)
-    return (u * keep_mask(shape, p, seed, u.device)).mul_(1.0 / (1.0 - p))
+    return (u * as_factor(keep_mask(shape, p, seed, u.device))).mul_(1.0 / (1.0 - p))
 
 
 def chunk_seed(seed: int, chunk: int) -> int:

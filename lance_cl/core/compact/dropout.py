@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .bitpack import pack_bits, unpack_bits
+from .bitpack import as_factor, pack_bits, unpack_bits
 
 MODES = ("packed", "regenerate")
 _CHUNK = 1 << 20
@@ -63,7 +63,8 @@ class CompactDropoutFunction(torch.autograd.Function):
         seed = draw_seed()
         mask = keep_mask(x.shape, p, seed, x.device)
         scale = 1.0 / (1.0 - p)
-        y = x.mul_(mask).mul_(scale) if inplace else torch.mul(x, mask).mul_(scale)
+        factor = as_factor(mask)
+        y = x.mul_(factor).mul_(scale) if inplace else torch.mul(x, factor).mul_(scale)
         saved = torch.tensor([seed], dtype=torch.int64) if mode == "regenerate" else pack_bits(mask)
         return y, saved
 
@@ -85,7 +86,8 @@ class CompactDropoutFunction(torch.autograd.Function):
             mask = keep_mask(ctx.shape, ctx.p, int(saved[0]), ctx.device)
         else:
             mask = unpack_bits(saved, ctx.shape)
-        return torch.mul(grad_output, mask).mul_(1.0 / (1.0 - ctx.p)), None, None, None
+        grad = torch.mul(grad_output, as_factor(mask)).mul_(1.0 / (1.0 - ctx.p))
+        return grad, None, None, None
 
 
 def compact_dropout(x: Tensor, p: float, mode: str = "packed", inplace: bool = False) -> Tensor:
