@@ -157,6 +157,30 @@ def test_missing_weights_file_and_data_set_are_one_clear_error(tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def mnist_like_data(tmp_path_factory):
+    """The real MNIST and FashionMNIST under the default data root; where a checkout has none,
+    tiny ones in their real idx format, found through $LANCE_CL_DATA."""
+    from lance_cl.data import default_data_root
+    from lance_cl.data.mnist import load_mnist_like
+    from vision_fixtures import write_mnist_like
+
+    try:
+        for name in ("mnist", "fashion_mnist"):
+            for train in (True, False):
+                load_mnist_like(name, default_data_root(), train)
+        yield default_data_root()
+        return
+    except DatasetNotFoundError:
+        pass
+    root = tmp_path_factory.mktemp("mnist_like")
+    for folder in ("MNIST", "FashionMNIST"):
+        write_mnist_like(root, folder, per_class_train=10, per_class_test=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LANCE_CL_DATA", str(root))
+        yield root
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A mobilenet_blocks pretrained here for one epoch on 96 FashionMNIST images."""
