@@ -379,3 +379,18 @@ def test_a_mask_as_factor_multiplies_like_the_mask(dtype):
     product = x * as_factor(mask)
     assert product.dtype == dtype and torch.equal(product, torch.where(mask, x, torch.zeros_like(x)))
     assert as_factor(mask).data_ptr() == mask.data_ptr()          # a view, no copy
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_apply_keep_mask_is_the_masked_product_scaled_by_the_keep_probability(inplace):
+    from lance_cl.core.compact.dropout import apply_keep_mask
+
+    t = torch.randn(3, 4, 5, dtype=torch.float64)
+    mask = torch.rand(3, 4, 5) > 0.3
+    expected = t * mask.double() / 0.75
+    source = t.clone()
+    out = apply_keep_mask(source, mask, 0.25, inplace=inplace)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
+    assert (out.data_ptr() == source.data_ptr()) is inplace
+    per_channel = torch.rand(3, 4, 1) > 0.5                      # broadcast (Dropout2d's shape)
+    torch.testing.assert_close(apply_keep_mask(t, per_channel, 0.5), t * per_channel.double() * 2)

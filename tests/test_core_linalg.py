@@ -75,6 +75,14 @@ def test_energy_rank_hand_computed(eps, expected):
     assert energy_rank(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=DT), eps) == expected
 
 
+@pytest.mark.parametrize("eps,expected", [(0.2, 1), (0.3, 2), (0.45, 3), (0.5, 4), (0.9, 4)])
+def test_energy_rank_of_a_leading_part_against_its_whole_spectrum(eps, expected):
+    # [4, 3, 2, 1] lead a spectrum of total energy 20: cumulative 0.2, 0.35, 0.45, 0.5 of it;
+    # a rule asking for more than the part holds keeps all four
+    lead = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=DT)
+    assert energy_rank(lead, eps, total=20.0) == expected
+
+
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.0001, 2, float("nan"), "0.5"])
 def test_eps_outside_unit_interval_is_a_clear_error(bad):
     with pytest.raises(ValueError, match=r"outside \(0, 1\]"):

@@ -34,12 +34,15 @@ def mode_gram(x: Tensor, mode: int) -> Tensor:
     return mode_contract(x, x, mode)
 
 
-def energy_rank(eigenvalues: Tensor, eps: float) -> int:
-    """Smallest r with sum_{i<=r} lambda_i >= eps * sum_i lambda_i (eigenvalues sorted descending)."""
+def energy_rank(eigenvalues: Tensor, eps: float, total: Optional[float] = None) -> int:
+    """Smallest r with sum_{i<=r} lambda_i >= eps * total (eigenvalues sorted descending; total:
+    sum_i lambda_i, or the energy of a whole spectrum of which ``eigenvalues`` is the leading
+    part, when a rule needing more than they hold keeps all of them)."""
     check_eps(eps)
     lam = eigenvalues.clamp_min(0)
     cumulative = torch.cumsum(lam, 0)
-    total = cumulative[-1]
+    if total is None:
+        total = cumulative[-1]
     if total <= 0:
         return 1
     rank = int((cumulative < eps * total).sum().item()) + 1
@@ -243,11 +246,7 @@ def residual_rank(mu: Tensor, energy: float, max_rank: Optional[int] = None,
     lam = mu.clamp_min(0)
     if lam.numel() == 0 or lam.sum() <= 0:
         return 0
-    if total is None:
-        rank = energy_rank(lam, energy)
-    else:
-        check_eps(energy)
-        rank = min(int((torch.cumsum(lam, 0) < energy * total).sum().item()) + 1, lam.numel())
+    rank = energy_rank(lam, energy, total)
     return rank if max_rank is None else min(rank, int(max_rank))
 
 

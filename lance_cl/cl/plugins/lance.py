@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from ... import wrap
-from ...compact import recomputed_layer_names
 from ...calibration import Calibration
-from ...core.linalg import check_column_ratio, check_eps, grow_basis, top_eigenvectors, training_subspace
+from ...compact import recomputed_layer_names
+from ...core.linalg import (check_column_ratio, check_eps, grow_basis, top_eigenvectors,
+                            training_subspace)
 from ...core.tucker import core_shape
 from ...layers import CompressedConv2d, CompressedLayer, LayerMode
 from .base import SubspacePlugin, forward_batch

@@ -44,8 +44,7 @@ import torch.nn.utils.parametrize  # noqa: F401  (torch.nn.utils.parametrize.is_
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .bitpack import as_factor
-from .dropout import draw_seed, keep_mask
+from .dropout import apply_keep_mask, draw_seed, keep_mask
 from .pooling import compact_max_pool2d
 
 # modules that act on each sample separately, so a chunk of the batch sees what it would whole
@@ -118,7 +117,7 @@ def _dropout(u: Tensor, module: nn.Module, seed: int) -> Tensor:
     if p == 1.0:
         return u * 0.0
     shape = u.shape if isinstance(module, nn.Dropout) else u.shape[:2] + (1,) * (u.dim() - 2)
-    return (u * as_factor(keep_mask(shape, p, seed, u.device))).mul_(1.0 / (1.0 - p))
+    return apply_keep_mask(u, keep_mask(shape, p, seed, u.device), p)
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -225,9 +224,8 @@ class _ChunkedBlockFunction(torch.autograd.Function):
                 du = _tail_grad(block, x_hat, g, s)
                 sum_du += du.sum(dim=(0, 2, 3))
                 sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
-            gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(mean)
-            positions = float(x.shape[0]) * x_hat.shape[2] * x_hat.shape[3]
-            means = (gamma * sum_du / positions, gamma * sum_du_xhat / positions)
+            positions = x.shape[0] * x_hat.shape[2] * x_hat.shape[3]
+            means = _batch_means(norm, mean, sum_du, sum_du_xhat, positions)
             for p, g, s, gx in zip(parts, grads, seeds, grad_x_parts):
                 _chunk_backward(block, p, g, s, mean, invstd, means, gx)
         else:
@@ -292,6 +290,19 @@ def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, seed: int, mean: 
     return sums
 
 
+def _gamma(norm: nn.modules.batchnorm._BatchNorm, like: Tensor) -> Tensor:
+    """The norm's scale (C,), ones without an affine part."""
+    return norm.weight.detach() if norm.weight is not None else torch.ones_like(like)
+
+
+def _batch_means(norm: nn.modules.batchnorm._BatchNorm, mean: Tensor, sum_du: Tensor,
+                 sum_du_xhat: Tensor, positions: int) -> tuple[Tensor, Tensor]:
+    """mean(g_hat) and mean(g_hat * x_hat) per channel over the batch's ``positions``, from the
+    sums of dL/du and dL/du * x_hat (g_hat = dL/du * gamma)."""
+    gamma = _gamma(norm, mean)
+    return gamma * sum_du / float(positions), gamma * sum_du_xhat / float(positions)
+
+
 def _one_pass(block: ChunkedBlock, parts: Sequence[Tensor], grads: Sequence[Tensor],
               seeds: Sequence[int], mean: Tensor, invstd: Tensor,
               params: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -316,8 +327,8 @@ def _one_pass(block: ChunkedBlock, parts: Sequence[Tensor], grads: Sequence[Tens
                 for acc, part in zip(terms[i], parts_grad):
                     acc += part
         del zc, x_hat, du
-    gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(mean)
-    m1, m2 = gamma * sum_du / positions, gamma * sum_du_xhat / positions
+    gamma = _gamma(norm, mean)
+    m1, m2 = _batch_means(norm, mean, sum_du, sum_du_xhat, positions)
     for j, param in enumerate(params):
         shape = (-1,) + (1,) * (param.dim() - 1)
         c = lambda t: t.reshape(shape).to(param.dtype)                      # noqa: E731

@@ -32,21 +32,27 @@ def keep_mask(shape: Sequence[int], p: float, seed: int, device: torch.device) -
     device = torch.device(device)
     # P(U < 1 - p) = 1 - p for U uniform on [0, 1): twice as fast as a bool bernoulli_ on a CPU.
     # Drawn in chunks, so the float sample never costs more than _CHUNK elements of memory.
+    if device.type == "cpu":
+        pcg = np.random.Generator(np.random.PCG64(int(seed)))
+        uniform = lambda n: torch.from_numpy(pcg.random(n, dtype=np.float32))     # noqa: E731
+    else:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed))
+        uniform = lambda n: torch.rand(n, generator=gen, device=device)          # noqa: E731
     mask = torch.empty(tuple(shape), dtype=torch.bool, device=device)
     flat = mask.view(-1)
-    if device.type == "cpu":
-        gen = np.random.Generator(np.random.PCG64(int(seed)))
-        for start in range(0, flat.numel(), _CHUNK):
-            part = flat[start: start + _CHUNK]
-            uniform = torch.from_numpy(gen.random(part.numel(), dtype=np.float32))
-            torch.lt(uniform, 1.0 - p, out=part)
-        return mask
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start: start + _CHUNK]
-        torch.lt(torch.rand(part.numel(), generator=gen, device=device), 1.0 - p, out=part)
+        torch.lt(uniform(part.numel()), 1.0 - p, out=part)
     return mask
+
+
+def apply_keep_mask(t: Tensor, mask: Tensor, p: float, inplace: bool = False) -> Tensor:
+    """t * mask / (1 - p): dropout's forward on x, and its backward on grad_output. mask: bool,
+    broadcastable against t."""
+    factor = as_factor(mask)
+    out = t.mul_(factor) if inplace else torch.mul(t, factor)
+    return out.mul_(1.0 / (1.0 - p))
 
 
 def draw_seed() -> int:
@@ -62,9 +68,7 @@ class CompactDropoutFunction(torch.autograd.Function):
     def forward(x: Tensor, p: float, mode: str, inplace: bool) -> tuple[Tensor, Tensor]:
         seed = draw_seed()
         mask = keep_mask(x.shape, p, seed, x.device)
-        scale = 1.0 / (1.0 - p)
-        factor = as_factor(mask)
-        y = x.mul_(factor).mul_(scale) if inplace else torch.mul(x, factor).mul_(scale)
+        y = apply_keep_mask(x, mask, p, inplace)
         saved = torch.tensor([seed], dtype=torch.int64) if mode == "regenerate" else pack_bits(mask)
         return y, saved
 
@@ -86,8 +90,7 @@ class CompactDropoutFunction(torch.autograd.Function):
             mask = keep_mask(ctx.shape, ctx.p, int(saved[0]), ctx.device)
         else:
             mask = unpack_bits(saved, ctx.shape)
-        grad = torch.mul(grad_output, as_factor(mask)).mul_(1.0 / (1.0 - ctx.p))
-        return grad, None, None, None
+        return apply_keep_mask(grad_output, mask, ctx.p), None, None, None
 
 
 def compact_dropout(x: Tensor, p: float, mode: str = "packed", inplace: bool = False) -> Tensor:

@@ -82,7 +82,6 @@ def fast_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
                     ceil_mode: bool = False) -> Tensor:
     """``F.max_pool2d`` values (nothing saved for backward when called without grad), through
     channels-last memory on a CPU: the same values, faster. x: (B, C, H, W) or (C, H, W)."""
-    stride = kernel_size if stride is None or stride == [] or stride == () else stride
     return F.max_pool2d(_channels_last_on_cpu(x), kernel_size, stride, padding, dilation,
                         ceil_mode).contiguous()
 
