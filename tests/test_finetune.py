@@ -40,6 +40,38 @@ def test_layer_selection_counts_from_the_end_in_execution_order(base):
     assert loop.finetuned_layer_names(base, "4", x) == [
         "blocks.6.expand.0", "blocks.6.depthwise.0", "blocks.6.project.0", "head"]
     assert loop.finetuned_layer_names(base, "blocks.6.project*", x) == ["blocks.6.project.0"]
+    # the papers' count: convolutions only, the head never listed (it trains plain on top)
+    assert loop.finetuned_layer_names(base, 2, x, plain_head="head") == [
+        "blocks.6.depthwise.0", "blocks.6.project.0"]
+    assert loop.finetuned_layer_names(base, "blocks.6.*", x, plain_head="head") == [
+        "blocks.6.expand.0", "blocks.6.depthwise.0", "blocks.6.project.0"]
+    with pytest.raises(ValueError, match="convolutions before its head 'head'"):
+        loop.finetuned_layer_names(base, 10**4, x, plain_head="head")
+
+
+def test_a_plain_head_trains_with_exact_gradients_on_top_of_compressed_convs(base):
+    double = base.double()
+    try:
+        calib = _batches(2, dtype=torch.float64, seed=1)
+        x, y = _batches(1, dtype=torch.float64, seed=2)[0]
+        names = loop.finetuned_layer_names(double, 2, x, plain_head="head")
+        reference = loop._weight_grads(double, ["head"], x, y)
+        model, compressed = loop.prepare_model(double, "lance", names, {"eps": 0.5}, calib, x,
+                                               plain_layers=["head"])
+        assert compressed == names
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trained == {"blocks.6.depthwise.0.weight", "blocks.6.project.0.weight",
+                           "head.weight", "head.bias"}          # the convs have no bias
+        got = loop._weight_grads(model, names + ["head"], x, y)
+        torch.testing.assert_close(got["head"], reference["head"], rtol=1e-12, atol=1e-14)
+        # the compressed convs do not reproduce plain autograd at eps 0.5: they really compress
+        exact = loop._weight_grads(double, names, x, y)
+        assert not torch.allclose(got[names[0]], exact[names[0]], rtol=1e-3)
+        mem = __import__("lance_cl").measure_activation_memory(
+            model, x, lambda o: F.cross_entropy(o, y), layers=["head"])
+        assert mem["selected"] == 8 * x.shape[0] * model.head.in_features   # its float64 input
+    finally:
+        base.float()
 
 
 def test_frozen_part_gets_no_gradient_and_saves_nothing(base):
@@ -226,12 +258,16 @@ def test_run_writes_json_table_plot_that_regenerate(pretrained, tmp_path, capsys
     van = [runs["vanilla", s] for s in (0, 1)]
     lance = [runs["lance", s] for s in (0, 1)]
     for r in saved["runs"]:
-        assert r["layers"] == ["blocks.6.project.0", "head"]
+        # the papers' protocol: N = 2 counts the last two convolutions; the head trains plain
+        assert r["layers"] == ["blocks.6.depthwise.0", "blocks.6.project.0"]
+        assert r["plain_layers"] == ["head"]
         assert r["accuracy"] == r["epochs"][-1]["test_accuracy"]
         assert r["memory"]["frozen_layers"] == 0
         assert r["memory"]["finetuned_layers"] <= r["memory"]["whole_step"]
-    # vanilla saves the two inputs in float32: (16, 384, 1, 1) and (16, 64)
-    assert van[0]["memory"]["finetuned_layers"] == 4 * 16 * (384 + 64)
+    # vanilla saves the two inputs in float32: (16, 384, 1, 1) twice; the head's (16, 64) input
+    # counts in the whole step
+    assert van[0]["memory"]["finetuned_layers"] == 4 * 16 * (384 + 384)
+    assert van[0]["memory"]["plain_layers"] == lance[0]["memory"]["plain_layers"] == 4 * 16 * 64
     # the same data, head and schedule: identical first-epoch vanilla loss, and lance's
     # first-epoch loss differs only through its gradients after the first step
     assert van[0]["epochs"][0]["lr"] == lance[0]["epochs"][0]["lr"] == 0.05
@@ -346,3 +382,18 @@ def test_torchvision_resnet18_from_a_local_state_dict_fine_tunes_its_last_layers
     F.cross_entropy(tuned(x), y).backward()
     assert all((p.grad is not None) == any(n.startswith(f + ".") for f in names)
                for n, p in tuned.named_parameters())
+
+
+def test_compact_keeps_the_training_and_lowers_the_whole_step(pretrained, tmp_path):
+    plain = runner.run_finetune(_tiny_config(pretrained, methods=("vanilla",), layers=(4,),
+                                             epochs=1), progress=False)["runs"][0]
+    compact = runner.run_finetune(_tiny_config(pretrained, methods=("vanilla",), layers=(4,),
+                                               epochs=1, compact=True), progress=False)["runs"][0]
+    assert compact["status"] == plain["status"] == "ok"
+    # exact compaction: the same losses and accuracy, the same fine-tuned layers' bytes
+    assert compact["epochs"][0]["train_loss"] == pytest.approx(plain["epochs"][0]["train_loss"],
+                                                               rel=1e-6)
+    assert compact["accuracy"] == plain["accuracy"]
+    assert compact["memory"]["finetuned_layers"] == plain["memory"]["finetuned_layers"]
+    # eval-mode BatchNorm and ReLU6 between the four convs keep less than their float inputs
+    assert compact["memory"]["whole_step"] < plain["memory"]["whole_step"]

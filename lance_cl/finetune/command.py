@@ -7,7 +7,7 @@ import shlex
 import sys
 from typing import Any, Optional, Sequence
 
-from .protocol import (ASI_PROTOCOL, BUDGET_METHODS, DATASETS_HELP, EPS_METHODS, METHOD_NAMES,
+from .protocol import (ASI_PROTOCOL, BUDGET_METHODS, DATASETS_HELP, EPS_METHODS, HEAD_MODES, METHOD_NAMES,
                        parse_method_values, parse_seeds)
 
 __all__ = ["add_finetune_parser", "cmd_finetune"]
@@ -68,8 +68,15 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true",
                    help="let torchvision download missing CIFAR / MNIST / Flowers102 / Pets files")
     p.add_argument("--layers", type=_layers, default=d.layers,
-                   help="comma-separated: N = the last N Conv2d/Linear layers, or name globs "
+                   help="comma-separated: N = the last N layers (see --head), or name globs "
                         "(default 2,4)")
+    p.add_argument("--head", choices=HEAD_MODES, default=d.head,
+                   help="plain (default, as the ASI and HOSVD_eps code): N counts convolutions and "
+                        "the classifier trains uncompressed on top; compressed: N counts Conv2d and "
+                        "Linear layers and the classifier is compressed with the method")
+    p.add_argument("--compact", action="store_true",
+                   help="also compact the saved tensors of BatchNorm / activations / dropout / "
+                        "pooling (lance_cl.compact_activations, exact) for every method")
     p.add_argument("--methods", type=_methods, default=d.methods,
                    help=f"comma-separated from {','.join(METHOD_NAMES)} (default: all)")
     p.add_argument("--eps", type=_per_method(EPS_METHODS, "eps"), default=None,
@@ -129,7 +136,8 @@ def cmd_finetune(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
             return 0
         config = FinetuneConfig(
             model=args.model, weights=args.weights, dataset=args.dataset, data_root=args.data_root,
-            download=args.download, layers=tuple(args.layers), methods=tuple(args.methods),
+            download=args.download, layers=tuple(args.layers), head=args.head, compact=args.compact,
+            methods=tuple(args.methods),
             eps=args.eps if args.eps is not None else dict(ASI_PROTOCOL.eps),
             budget=args.budget or {}, radius=args.radius, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,

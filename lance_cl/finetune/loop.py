@@ -33,12 +33,28 @@ __all__ = ["EpochProgress", "batch_order", "evaluate", "finetuned_layer_names", 
 Batch = tuple[Tensor, Tensor]
 
 
-def finetuned_layer_names(model: nn.Module, spec: Union[int, str], example: Tensor) -> list[str]:
-    """``spec`` N: the last N Conv2d / Linear layers in execution order (as ASI counts from the
-    model's end); a glob: the Conv2d / Linear layers it names. example: one input batch."""
+def finetuned_layer_names(model: nn.Module, spec: Union[int, str], example: Tensor,
+                          plain_head: Optional[str] = None) -> list[str]:
+    """The layers a method fine-tunes and compresses. example: one input batch.
+
+    ``spec`` N: the last N layers in execution order; a glob: the Conv2d / Linear layers it
+    names. Without ``plain_head`` N counts Conv2d and Linear layers, so the classifier is one of
+    them. With ``plain_head`` (the classifier's module name, trained with plain autograd on top,
+    as in the ASI and HOSVD_eps code) N counts Conv2d layers only and the head is never listed.
+    """
     if isinstance(spec, str) and spec.isdigit():
         spec = int(spec)
-    return lance_cl.select_layers(model, spec, example_inputs=example)
+    if plain_head is None:
+        return lance_cl.select_layers(model, spec, example_inputs=example)
+    if isinstance(spec, int):
+        named = dict(model.named_modules())
+        convs = [n for n in execution_order(model, example)
+                 if isinstance(named[n], nn.Conv2d) and n != plain_head]
+        if spec < 1 or spec > len(convs):
+            raise ValueError(f"layers={spec}: the model has {len(convs)} convolutions before its "
+                             f"head {plain_head!r}")
+        return convs[-spec:]
+    return [n for n in lance_cl.select_layers(model, spec, example_inputs=example) if n != plain_head]
 
 
 def freeze_except(model: nn.Module, names: Sequence[str]) -> None:
@@ -61,21 +77,23 @@ def set_finetune_mode(model: nn.Module, dropout: bool = True) -> None:
 
 
 def prepare_model(base: nn.Module, method: str, names: Sequence[str], options: dict[str, Any],
-                  calibration: Sequence[Batch], example: Tensor) -> tuple[nn.Module, list[str]]:
+                  calibration: Sequence[Batch], example: Tensor,
+                  plain_layers: Sequence[str] = ()) -> tuple[nn.Module, list[str]]:
     """A copy of ``base`` with ``names`` trainable and compressed with ``method`` (calibrated on
-    ``calibration`` when the method needs it), every other parameter frozen.
+    ``calibration`` when the method needs it), ``plain_layers`` (a classifier on top) trainable
+    with plain autograd, every other parameter frozen.
 
     gradient_filter applies to Conv2d only: the Linear layers among ``names`` train with plain
     autograd. Returns (model, names compressed with ``method``)."""
     model = copy.deepcopy(base)
     order = execution_order(model, example)
-    freeze_except(model, names)
+    freeze_except(model, list(names) + list(plain_layers))
     named = dict(model.named_modules())
     compressed = [n for n in names if method != "gradient_filter" or isinstance(named[n], nn.Conv2d)]
-    plain = [n for n in names if n not in compressed]
-    first = min(order.index(n) for n in names)
+    plain = [n for n in names if n not in compressed] + [n for n in plain_layers if n not in names]
+    first = min(order.index(n) for n in list(names) + plain)
     # frozen weight layers after the first fine-tuned one pass gradients back: saving only weights
-    frozen_after = [n for n in order[first:] if n not in names]
+    frozen_after = [n for n in order[first:] if n not in names and n not in plain]
     lance_cl.compress(model, method, compressed, **options)
     if plain or frozen_after:
         lance_cl.compress(model, "vanilla", plain + frozen_after)
@@ -205,9 +223,10 @@ def interleaved_step_times(models: dict[str, nn.Module], x: Tensor, y: Tensor, r
 
 
 def run_method(base: nn.Module, method: str, names: Sequence[str], data: FinetuneData,
-               config: FinetuneConfig, seed: int, *, label: str = "",
-               progress: bool = True) -> tuple[dict[str, Any], nn.Module]:
-    """Fine-tune ``names`` of a copy of ``base`` with ``method``. Returns the run's record
+               config: FinetuneConfig, seed: int, *, plain_layers: Sequence[str] = (),
+               label: str = "", progress: bool = True) -> tuple[dict[str, Any], nn.Module]:
+    """Fine-tune ``names`` of a copy of ``base`` with ``method`` (and ``plain_layers`` with plain
+    autograd: memory and FLOPs of the fine-tuned layers cover ``names``). Returns the run's record
     (accuracy per epoch, memory, FLOPs, time, ranks, gradient agreement) and the fine-tuned
     model. Raises on failure."""
     device = torch.device(config.device)
@@ -224,7 +243,10 @@ def run_method(base: nn.Module, method: str, names: Sequence[str], data: Finetun
     measure_x, measure_y = batch(first_batches[0])
     options = method_options(config, method)
     t0 = time.perf_counter()
-    model, compressed = prepare_model(base.to(device), method, names, options, calibration, measure_x)
+    model, compressed = prepare_model(base.to(device), method, names, options, calibration, measure_x,
+                                      plain_layers)
+    if config.compact:
+        lance_cl.compact_activations(model)
     setup_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
@@ -266,10 +288,11 @@ def run_method(base: nn.Module, method: str, names: Sequence[str], data: Finetun
     flops = {nm: lance_cl.layer_flops(layers[nm]) for nm in names}
     rows = {r["name"]: r for r in lance_cl.report(model).to_dicts()}
     frozen = [nm for nm, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-              and nm not in names]
+              and nm not in names and nm not in plain_layers]
     timed = step_times[2:] if len(step_times) > 4 else step_times
     record = {
-        "layers": list(names), "compressed_layers": compressed, "options": options,
+        "layers": list(names), "compressed_layers": compressed, "plain_layers": list(plain_layers),
+        "options": options,
         "accuracy": epochs[-1]["test_accuracy"],
         "best_accuracy": max(e["test_accuracy"] for e in epochs if e["test_accuracy"] is not None),
         "epochs": epochs,
@@ -278,6 +301,7 @@ def run_method(base: nn.Module, method: str, names: Sequence[str], data: Finetun
             "peak_step": mem["peak_bytes"],
             "per_layer": {nm: mem["per_layer"].get(nm, 0) for nm in names},
             "frozen_layers": sum(mem["per_layer"].get(nm, 0) for nm in frozen),
+            "plain_layers": sum(mem["per_layer"].get(nm, 0) for nm in plain_layers),
             "input_shapes": {nm: rows[nm]["input_shape"] for nm in names},
         },
         "flops": {"finetuned_layers": sum(f["total"] for f in flops.values()),

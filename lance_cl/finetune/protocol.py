@@ -16,7 +16,7 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
-__all__ = ["ASI_PROTOCOL", "DATASETS", "DATASETS_HELP", "parse_seeds", "FinetuneConfig", "METHOD_NAMES", "OFFLINE_PROTOCOL", "method_options",
+__all__ = ["ASI_PROTOCOL", "DATASETS", "DATASETS_HELP", "HEAD_MODES", "parse_seeds", "FinetuneConfig", "METHOD_NAMES", "OFFLINE_PROTOCOL", "method_options",
            "parse_method_values"]
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "flowers102", "oxford_pets", "cub200",
@@ -27,13 +27,19 @@ METHOD_NAMES: tuple[str, ...] = ("vanilla", "lance", "asi", "hosvd", "gradient_f
 # methods whose ranks come from an energy threshold eps (or a byte budget for lance / asi)
 EPS_METHODS: tuple[str, ...] = ("lance", "asi", "hosvd")
 BUDGET_METHODS: tuple[str, ...] = ("lance", "asi")
+HEAD_MODES: tuple[str, ...] = ("plain", "compressed")
 
 
 @dataclass
 class FinetuneConfig:
     """One fine-tuning experiment: every (layers, method, seed) combination is run.
 
-    ``layers``: ints (the last N Conv2d / Linear layers in execution order) or name globs.
+    ``layers``: ints N or name globs. ``head``: ``"plain"`` (as the ASI and HOSVD_eps code: N
+    counts the last N Conv2d layers, and the classifier trains with plain autograd on top) or
+    ``"compressed"`` (N counts Conv2d and Linear layers in execution order, so the classifier is
+    one of them and is compressed like the rest). ``compact``: every method's model also gets
+    :func:`lance_cl.compact_activations` (exact: BatchNorm, ReLU6, dropout and pooling between the
+    fine-tuned layers save compact tensors), so the whole-step columns show both savings.
     ``eps`` / ``budget``: per method (bytes of saved activations over the fine-tuned layers for
     ``budget``; a budget replaces eps for that method). ``train_limit`` / ``test_limit`` keep the
     first images of a seeded shuffle of each split (None: all).
@@ -45,6 +51,8 @@ class FinetuneConfig:
     data_root: Optional[str] = None
     download: bool = False
     layers: tuple[Union[int, str], ...] = (2, 4)
+    head: str = "plain"
+    compact: bool = False                # lance_cl.compact_activations on every method's model
     methods: tuple[str, ...] = METHOD_NAMES
     eps: dict[str, float] = field(default_factory=lambda: {"lance": 0.7, "asi": 0.8, "hosvd": 0.8})
     budget: dict[str, float] = field(default_factory=dict)
@@ -85,6 +93,9 @@ class FinetuneConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr!r} must be positive")
+        if self.head not in HEAD_MODES:
+            raise ValueError(f"head={self.head!r}: choose {' or '.join(HEAD_MODES)} (plain: the "
+                             f"classifier trains uncompressed on top of the N convolutions)")
         for spec in self.layers:
             if isinstance(spec, bool) or not isinstance(spec, (int, str)):
                 raise ValueError(f"layers: {spec!r} is neither a count N nor a name glob")

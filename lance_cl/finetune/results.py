@@ -86,7 +86,12 @@ def render_table(result: dict[str, Any]) -> str:
              f"{result.get('data', {}).get('test_images', '?')} test images, {cfg['image_size']}x"
              f"{cfg['image_size']}); {cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr "
              f"{cfg['lr']} momentum {cfg['momentum']} weight decay {cfg['weight_decay']}, cosine "
-             f"schedule, clip {cfg['clip_norm']}; seeds {', '.join(map(str, cfg['seeds']))}.",
+             f"schedule, clip {cfg['clip_norm']}; seeds {', '.join(map(str, cfg['seeds']))}. "
+             + ("Layers N: the last N convolutions, the classifier trained uncompressed on top."
+                if cfg.get("head", "compressed") == "plain" else
+                "Layers N: the last N Conv2d / Linear layers, the classifier compressed with them.")
+             + (" Every model's BatchNorm / activation / dropout / pooling tensors compacted "
+                "(lance_cl.compact_activations)." if cfg.get("compact") else ""),
              f"Machine: {machine.get('cpu', '?')}, torch {machine.get('torch', '?')}, "
              f"{machine.get('threads', '?')} thread(s), device {cfg['device']}.",
              "",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .data import FinetuneData, load_finetune_data, model_input
 from .loop import (batch_order, evaluate, finetuned_layer_names, interleaved_step_times,
                    run_method)
-from .models import build_backbone, reset_head
+from .models import build_backbone, head_name, reset_head
 from .protocol import FinetuneConfig
 from .results import write_outputs
 
@@ -79,17 +79,19 @@ def run_finetune(config: FinetuneConfig, out: Optional[str | Path] = None, *, pr
         example = model_input(data.train_x[:2], config.image_size)
         methods = ["vanilla"] + [m for m in config.methods if m != "vanilla"] \
             if "vanilla" in config.methods else list(config.methods)
+        plain = [head_name(config.model)] if config.head == "plain" else []
         for seed in config.seeds:
             reset_head(base, config.model, seed)
             for spec in config.layers:
-                names = finetuned_layer_names(base, spec, example)
+                names = finetuned_layer_names(base, spec, example, plain[0] if plain else None)
                 trained: dict[str, Any] = {}
                 for method in methods:
                     label = f"layers {spec} / {method} / seed {seed}"
                     run: dict[str, Any] = {"layers_spec": str(spec), "method": method, "seed": seed}
                     try:
                         record, trained[method] = run_method(base, method, names, data, config,
-                                                             seed, label=label, progress=progress)
+                                                             seed, plain_layers=plain, label=label,
+                                                             progress=progress)
                         run.update(status="ok", **record)
                     except Exception as e:  # one broken method must not stop the others
                         run.update(status="failed", layers=names, error=f"{type(e).__name__}: {e}")
