@@ -194,3 +194,17 @@ def test_paths_reach_workers_as_the_driver_means_them(tmp_path: Path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert sweep._anchored("runs") == str(tmp_path.resolve() / "runs")
     assert sweep._anchored("/data/x") == "/data/x" and sweep._anchored("~/data") == "~/data"
+
+
+def test_the_command_leaves_no_ray_instance_behind(sweeps: dict[str, Any]) -> None:
+    import ray
+
+    assert sweeps["ray"][0] == 1           # the sweep ran (two lance runs failed on purpose)
+    assert not ray.is_initialized()        # the instance the command started is shut down
+
+
+def test_warm_up_imports_what_a_run_imports() -> None:
+    import os
+
+    assert sweep._warm_up() == os.getpid()
+    assert "lance_cl.cl.runner" in sys.modules and "avalanche" in sys.modules

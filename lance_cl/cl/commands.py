@@ -9,6 +9,7 @@ what they need, so ``lance-cl --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -191,6 +192,28 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
         return 2
     if getattr(args, "download", False):
         os.environ["LANCE_CL_DOWNLOAD"] = "1"  # read by lance_cl.benchmarks.get_benchmark
+    local_ray = contextlib.ExitStack()
+    if parallel and address is None:
+        # started first: its workers import torch and Avalanche while this process checks names
+        from . import sweep
+
+        try:
+            local_ray.enter_context(sweep.local_instance(jobs, gpus_per_run))
+        except sweep.RayUnavailableError as exc:
+            print(f"lance-cl run: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:   # no GPU for --gpus-per-run
+            print(f"lance-cl run: Ray: {exc}", file=sys.stderr)
+            return 1
+    with local_ray:
+        return _checked_run(args, benchmarks, jobs=jobs, address=address,
+                            gpus_per_run=gpus_per_run, parallel=parallel)
+
+
+def _checked_run(args: argparse.Namespace, benchmarks: list[str], *, jobs: Optional[int],
+                 address: Optional[str], gpus_per_run: float, parallel: bool) -> int:
+    """``run`` once its arguments are valid: strategies and data checked, then the runs (in this
+    process, or as Ray tasks when ``parallel``) and the table. Returns the exit status."""
     from lance_cl import strategies as recipes
 
     try:

@@ -18,12 +18,13 @@ Ray is optional (``pip install "lance-cl[ray]"``); nothing here imports it befor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -37,6 +38,7 @@ __all__ = [
     "SweepRun",
     "import_ray",
     "local_cores",
+    "local_instance",
     "run_sweep",
     "start_over",
     "sweep_runs",
@@ -211,6 +213,33 @@ def _start_ray(ray: Any, *, slots: Optional[int], address: Optional[str], gpus_p
             raise RuntimeError(f"--gpus-per-run {gpus_per_run:g}: Ray sees no GPU on this machine "
                                "(check nvidia-smi and CUDA_VISIBLE_DEVICES)")
     return True
+
+
+def _warm_up() -> int:
+    """Body of a warm-up task: import what every run imports (torch, Avalanche, the runner)."""
+    from . import runner  # noqa: F401
+
+    return os.getpid()
+
+
+@contextlib.contextmanager
+def local_instance(slots: int, gpus_per_run: float = 0.0) -> Iterator[Any]:
+    """A local Ray instance with ``slots`` CPU slots for the duration of the block, its workers
+    warming up meanwhile: one task per slot imports what a run imports, so that this cost
+    overlaps the caller's own work (checking names and data) instead of delaying the first runs.
+    Yields the ``ray`` module; shuts the instance down on leaving unless Ray was already
+    initialised (then that instance is used and left running)."""
+    ray = import_ray()
+    owned = _start_ray(ray, slots=slots, address=None, gpus_per_run=gpus_per_run)
+    try:
+        if owned:
+            warm = ray.remote(_warm_up).options(num_cpus=1, max_retries=0)
+            for _ in range(slots):
+                warm.remote()
+        yield ray
+    finally:
+        if owned:
+            ray.shutdown()
 
 
 class _Progress:
