@@ -15,7 +15,8 @@ import lance_cl
 from lance_cl.accounting import measure_peak_step_memory
 from lance_cl.core.compact import recompute_segment
 from lance_cl.core.compact import recompute as recompute_module
-from lance_cl.core.compact.chunked import ChunkedBlock, chunk_count, chunk_seed, chunked_block
+from lance_cl.core.compact.chunked import (ChunkedBlock, channel_moments, chunk_count, chunk_seed,
+                                          chunked_block)
 from lance_cl.core.compact.dropout import keep_mask
 
 
@@ -274,3 +275,16 @@ def test_peak_is_below_the_whole_batch_recompute(always_chunk):
     # statistics) and a few chunk-sized (1/8) temporaries next to it (1.75 measured)
     assert peaks[False] > 3 * feature_map
     assert peaks[True] < 2 * feature_map
+
+
+@pytest.mark.parametrize("sizes", [(5,), (2, 2, 1), (1, 3, 1)])
+def test_channel_moments_are_the_batch_variance_and_mean(sizes):
+    gen = torch.Generator().manual_seed(3)
+    # a mean 20x the spread: a one-pass E[z^2] - mean^2 would lose digits here
+    z = torch.randn(sum(sizes), 4, 3, 5, generator=gen, dtype=torch.float64) * 0.5 + 10.0
+    var, mean = channel_moments(list(z.split(list(sizes))))
+    ref_var, ref_mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=0)
+    var32, mean32 = channel_moments(list(z.float().split(list(sizes))))
+    torch.testing.assert_close(var32.double(), ref_var, rtol=1e-5, atol=0)

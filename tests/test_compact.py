@@ -394,3 +394,22 @@ def test_apply_keep_mask_is_the_masked_product_scaled_by_the_keep_probability(in
     assert (out.data_ptr() == source.data_ptr()) is inplace
     per_channel = torch.rand(3, 4, 1) > 0.5                      # broadcast (Dropout2d's shape)
     torch.testing.assert_close(apply_keep_mask(t, per_channel, 0.5), t * per_channel.double() * 2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 0.9])
+def test_keep_mask_keeps_one_minus_p_and_is_a_function_of_its_seed(p):
+    from lance_cl.core.compact.dropout import _CHUNK, keep_mask
+
+    shape = (3, _CHUNK // 2 + 7)                 # more than one chunk, an odd tail
+    mask = keep_mask(shape, p, 11, torch.device("cpu"))
+    assert mask.shape == shape and mask.dtype == torch.bool
+    n = mask.numel()
+    # the kept fraction is Binomial(n, 1 - p) / n: within 5 standard deviations
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(mask.double().mean().item() - (1 - p)) <= 5 * sd + 1e-12
+    assert torch.equal(mask, keep_mask(shape, p, 11, torch.device("cpu")))
+    if 0 < p:
+        other = keep_mask(shape, p, 12, torch.device("cpu"))
+        assert not torch.equal(mask, other)
+        # the two chunks are not copies of each other
+        assert not torch.equal(mask.view(-1)[:1000], mask.view(-1)[_CHUNK:_CHUNK + 1000])

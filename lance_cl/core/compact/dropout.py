@@ -2,9 +2,9 @@
 
 Plain dropout saves a mask as large as its input. Here the forward draws one 64-bit seed from
 the global CPU generator (so the global random stream advances reproducibly),
-generates the keep-mask with a private generator seeded by it (on a CPU numpy's PCG64, which
-draws uniforms about twice as fast as torch's CPU generator; elsewhere a torch generator of the
-device), and saves the 1-bit mask
+generates the keep-mask with a private generator seeded by it (on a CPU numpy's SFC64, whose raw
+32-bit integers compared with a threshold give the mask 3-4x faster than torch's CPU generator;
+elsewhere a torch generator of the device), and saves the 1-bit mask
 (``mode="packed"``, the default: numel / 8 bytes, 1/32 of a float mask) or only the seed
 (``mode="regenerate"``: 8 bytes, but the mask is drawn a second time in backward, which costs
 about 8% of an AlexNet-5 training step on a CPU; docs/memory.md). Scaling is
@@ -28,22 +28,31 @@ _CHUNK = 1 << 20
 
 def keep_mask(shape: Sequence[int], p: float, seed: int, device: torch.device) -> Tensor:
     """Bool mask of ``shape``, True with probability 1 - p, a pure function of ``seed`` (and of
-    the device type: CPU masks come from numpy's PCG64, others from a torch generator)."""
+    the device type: CPU masks come from numpy's SFC64, others from a torch generator)."""
     device = torch.device(device)
-    # P(U < 1 - p) = 1 - p for U uniform on [0, 1): twice as fast as a bool bernoulli_ on a CPU.
-    # Drawn in chunks, so the float sample never costs more than _CHUNK elements of memory.
-    if device.type == "cpu":
-        pcg = np.random.Generator(np.random.PCG64(int(seed)))
-        uniform = lambda n: torch.from_numpy(pcg.random(n, dtype=np.float32))     # noqa: E731
-    else:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(seed))
-        uniform = lambda n: torch.rand(n, generator=gen, device=device)          # noqa: E731
     mask = torch.empty(tuple(shape), dtype=torch.bool, device=device)
     flat = mask.view(-1)
+    keep = 1.0 - float(p)
+    if keep >= 1.0:
+        return flat.fill_(True).view(mask.shape)
+    # Drawn in chunks, so a sample never costs more than _CHUNK elements of memory.
+    if device.type == "cpu":
+        # u < T for u uniform on the 32-bit integers: P = T / 2^32, within 2^-33 of 1 - p. The
+        # integers are the raw output of the bit generator (two per 64-bit word): no float
+        # conversion, 3-4x faster than torch's CPU bernoulli_ or uniform floats.
+        bits = np.random.SFC64(int(seed))
+        threshold = np.uint32(min(round(keep * 2.0 ** 32), 2 ** 32 - 1))
+        out = flat.numpy()
+        for start in range(0, flat.numel(), _CHUNK):
+            n = min(_CHUNK, flat.numel() - start)
+            words = bits.random_raw((n + 1) // 2).view(np.uint32)[:n]
+            np.less(words, threshold, out=out[start: start + n])
+        return mask
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start: start + _CHUNK]
-        torch.lt(uniform(part.numel()), 1.0 - p, out=part)
+        torch.lt(torch.rand(part.numel(), generator=gen, device=device), keep, out=part)
     return mask
 
 
