@@ -369,6 +369,11 @@ def test_lance_recipe_takes_its_training_rule_from_the_benchmark():
     with pytest.raises(ValueError, match="cannot be combined"):
         plugin_of({"train_eps": 0.97, "train_max_rank": 10})
     assert build_strategy("lance_paper", make_model(2), {"lr": 0.1}).plugins[0].train_eps == 0.98
+    # the CIFAR protocols calibrate on the first 4 batches of a task (docs/memory.md, section 5)
+    from lance_cl.benchmarks.vision import CIFAR10_DEFAULTS, CIFAR100_DEFAULTS
+
+    for defaults in (CIFAR10_DEFAULTS, CIFAR100_DEFAULTS):
+        assert plugin_of(defaults).calibration_batches == 4
 
 
 def test_heads_are_never_protected_whatever_they_are_called():
