@@ -7,8 +7,8 @@ import shlex
 import sys
 from typing import Any, Optional, Sequence
 
-from .protocol import (ASI_PROTOCOL, BUDGET_METHODS, DATASETS_HELP, EPS_METHODS, HEAD_MODES, METHOD_NAMES,
-                       parse_method_values, parse_seeds)
+from .protocol import (ASI_PROTOCOL, BUDGET_METHODS, DATASETS_HELP, EPS_METHODS, HEAD_MODES,
+                       METHOD_NAMES, parse_method_values, parse_seeds)
 
 __all__ = ["add_finetune_parser", "cmd_finetune"]
 

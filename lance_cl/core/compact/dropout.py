@@ -39,7 +39,7 @@ def keep_mask(shape: Sequence[int], p: float, seed: int, device: torch.device) -
     if device.type == "cpu":
         # u < T for u uniform on the 32-bit integers: P = T / 2^32, within 2^-33 of 1 - p. The
         # integers are the raw output of the bit generator (two per 64-bit word): no float
-        # conversion, 3-4x faster than torch's CPU bernoulli_ or uniform floats.
+        # conversion: ~4x faster than torch's CPU bernoulli_, ~2x faster than uniform floats.
         bits = np.random.SFC64(int(seed))
         threshold = np.uint32(min(round(keep * 2.0 ** 32), 2 ** 32 - 1))
         out = flat.numpy()
