@@ -401,3 +401,25 @@ def test_heads_are_never_protected_whatever_they_are_called():
     assert "conv1" not in protected_layer_names(resnet, heads=["conv1"])
     plugin = GPMPlugin(heads=[])
     assert "fc" in plugin.protected_names(resnet)
+
+
+def test_fan_in_grams_are_the_representation_matrices_of_the_unfolded_inputs():
+    from lance_cl.cl.plugins.base import forward_batch
+    from lance_cl.cl.subspace import collect_fan_in_grams
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Flatten(), nn.Linear(48, 4))
+    batches = [[torch.randn(5, 2, 8, 8), torch.zeros(5, dtype=torch.long)] for _ in range(3)]
+    rows: dict = {}
+    grams = collect_fan_in_grams(model, ["0", "2"], batches, forward_batch, max_samples=12,
+                                 rows=rows)
+    x = torch.cat([b[0] for b in batches])[:12].double()           # 12 of the 15 samples
+    patches = F.unfold(x, 3, padding=1, stride=2)                  # (12, 18, 16)
+    conv_ref = torch.einsum("bdl,bel->de", patches, patches)
+    hidden = model[0].double()(x).flatten(1)
+    model.float()
+    assert rows == {"0": 12 * 16, "2": 12}
+    assert grams["0"].dtype == grams["2"].dtype == torch.float64
+    # the conv's product is float32 (relative error ~1e-6), the Linear's float64
+    torch.testing.assert_close(grams["0"], conv_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grams["2"], hidden.t() @ hidden, rtol=1e-6, atol=1e-6)
