@@ -3,8 +3,10 @@ method registry (:data:`lance_cl.METHODS`), so a registered method is benchmarke
 change here.
 
 A bench method is a registered method name, optionally followed by a compaction suffix (the ops
-between the weight layers save compact tensors too): ``+compact`` (exact gradients, stem
-recomputed), ``+compact_nostem`` (the same with the stem stored), ``+compact_bf16`` /
+between the weight layers save compact tensors too): ``+compact`` (exact gradients, the stem
+and the expansion layers of inverted residual blocks recomputed in backward:
+:func:`lance_cl.compact.stem_segments`, :func:`lance_cl.compact.expansion_segments`),
+``+compact_nostem`` (the same with nothing recomputed), ``+compact_bf16`` /
 ``+compact_int8`` (BatchNorm's normalised input in reduced precision). Each method class says
 which suffixes it is offered with and which run by default (``bench_variants``,
 ``bench_default_variants``), which config fields become its options (``bench_options``) and how
@@ -20,7 +22,7 @@ from torch import nn
 from lance_cl.compressors import METHODS, Compressor
 from lance_cl.data import DatasetNotFoundError
 
-# suffix -> (BatchNorm storage, recompute the stem)
+# suffix -> (BatchNorm storage, recompute the stem and the expansion layers)
 COMPACT_VARIANTS: dict[str, tuple[str, bool]] = {
     "+compact": ("float", True), "+compact_nostem": ("float", False),
     "+compact_bf16": ("bf16", True), "+compact_int8": ("int8", True)}

@@ -118,6 +118,26 @@ def stem_segments(model: nn.Module) -> tuple[str, ...]:
     return ("stem",) if "stem" in declared or has_module else ()
 
 
+def expansion_segments(model: nn.Module, min_ratio: float = 2.0) -> tuple[str, ...]:
+    """Names of the ``nn.Sequential`` submodules made of a 1x1 ``Conv2d`` that widens its input
+    by at least ``min_ratio`` (out / in channels), a ``BatchNorm2d`` and an activation (ReLU,
+    ReLU6, Hardtanh, LeakyReLU): the expansion layers of inverted residual blocks (MobileNetV2,
+    torchvision's included, whose last 1x1 conv block qualifies as well). Recomputing one in backward keeps its input (C_in channels)
+    instead of the BatchNorm's normalised map and the activation's mask (>= min_ratio x C_in
+    channels), for one more 1x1 conv, normalisation and activation per step."""
+    activations = tuple(t for t, c in COMPACT_MODULES.items() if c.kind == "activation")
+    names = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, nn.Sequential) or len(module) != 3:
+            continue
+        conv, norm, act = module
+        if (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1)
+                and conv.out_channels >= min_ratio * conv.in_channels
+                and isinstance(norm, nn.BatchNorm2d) and isinstance(act, activations)):
+            names.append(name)
+    return tuple(names)
+
+
 def recomputed_layer_names(model: nn.Module) -> set[str]:
     """Qualified names of the modules whose activations ``model`` recomputes in backward: the
     chains of its recomputed declared segments and everything inside a recomputed submodule.

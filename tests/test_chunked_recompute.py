@@ -288,3 +288,48 @@ def test_channel_moments_are_the_batch_variance_and_mean(sizes):
     torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=0)
     var32, mean32 = channel_moments(list(z.float().split(list(sizes))))
     torch.testing.assert_close(var32.double(), ref_var, rtol=1e-5, atol=0)
+
+
+def test_expansion_segments_are_the_widening_1x1_conv_norm_activation_blocks():
+    import torchvision
+
+    from lance_cl.compact import expansion_segments
+    from lance_cl.models import AlexNet5, MobileNetV2Blocks
+
+    blocks = MobileNetV2Blocks(in_channels=3, n_classes=3)
+    # blocks.0 expands 1x (16 -> 16 channels): not a segment worth recomputing
+    assert expansion_segments(blocks) == tuple(f"blocks.{i}.expand" for i in range(1, 7))
+    tv = torchvision.models.mobilenet_v2(num_classes=3)
+    # features.1 has expansion 1 (no expand layer); 2-17 widen 6x; features.18, 320 -> 1280
+    assert expansion_segments(tv) == tuple(f"features.{i}.conv.0" for i in range(2, 18)) + (
+        "features.18",)
+    assert expansion_segments(AlexNet5(n_tasks=1, n_classes=3)) == ()
+    assert expansion_segments(blocks, min_ratio=7) == ()
+
+
+def test_recomputed_expansions_keep_the_gradients_and_drop_their_saved_maps():
+    from lance_cl.compact import expansion_segments
+    from lance_cl.models import MobileNetV2Blocks
+
+    torch.manual_seed(4)
+    plain = MobileNetV2Blocks(in_channels=3, n_classes=3).double().train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    ref_model = copy.deepcopy(plain)
+    ref = torch.autograd.grad(F.cross_entropy(ref_model(x), y), list(ref_model.parameters()))
+    loss = lambda o: F.cross_entropy(o, y)  # noqa: E731
+    stored = lance_cl.measure_activation_memory(copy.deepcopy(plain), x, loss)["total"]
+    measured = copy.deepcopy(plain)
+    lance_cl.compact_activations(measured, recompute=expansion_segments(measured))
+    recomputed = lance_cl.measure_activation_memory(measured, x, loss)["total"]
+    model = copy.deepcopy(plain)
+    lance_cl.compact_activations(model, recompute=expansion_segments(model))
+    got = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # the 6x expanded map of blocks.1 alone is (4, 96, 16, 16) float64 = 768 KiB
+    assert stored - recomputed > 768 * 1024
+    # running statistics advanced once per forward, as without recomputation
+    for (name, buf), ref_buf in zip(model.named_buffers(), ref_model.buffers()):
+        if "running" in name:
+            torch.testing.assert_close(buf, ref_buf, rtol=1e-9, atol=1e-12)
