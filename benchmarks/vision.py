@@ -58,7 +58,8 @@ QUICK_EPOCHS = 2
 # 5.22 MiB held while training (docs/memory.md, section 5). Its calibration observes the first
 # 4 batches of each task instead of all of them (LANCE finds 2 batches enough for stable
 # subspaces): on the same split, 3 seeds, ACC 73.85 against 73.87, 2.64 instead of 3.60 MiB
-# held while training, train time 1.24x naive's instead of 1.50x (docs/memory.md, section 5).
+# held while training, train time 1.24x naive's instead of 1.50x in one pair (1.24x-1.34x over
+# four; docs/memory.md, section 5).
 # Neither is a published hyperparameter.
 CIFAR100_DEFAULTS: dict[str, Any] = dict(GPM_CIFAR100_PROTOCOL, train_max_rank=256,
                                          calibration_batches=4)
