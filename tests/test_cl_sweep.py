@@ -192,8 +192,8 @@ def test_local_cores() -> None:
 
 def test_paths_reach_workers_as_the_driver_means_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert sweep._anchored("runs") == str(tmp_path.resolve() / "runs")
-    assert sweep._anchored("/data/x") == "/data/x" and sweep._anchored("~/data") == "~/data"
+    assert sweep.anchored("runs") == str(tmp_path.resolve() / "runs")
+    assert sweep.anchored("/data/x") == "/data/x" and sweep.anchored("~/data") == "~/data"
 
 
 def test_the_command_leaves_no_ray_instance_behind(sweeps: dict[str, Any]) -> None:
@@ -208,3 +208,21 @@ def test_warm_up_imports_what_a_run_imports() -> None:
 
     assert sweep._warm_up() == os.getpid()
     assert "lance_cl.cl.runner" in sys.modules and "avalanche" in sys.modules
+
+
+def test_a_local_sweep_checks_on_a_worker_and_the_driver_never_imports_avalanche(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    import subprocess
+
+    code = ("import sys\n"
+            "from lance_cl.cli import main\n"
+            f"status = main(['run', '--strategies', 'naive,foo', '--jobs', '2', '--out', {str(tmp_path / 'r')!r}])\n"
+            "print('AVALANCHE', 'avalanche' in sys.modules)\n"
+            "sys.exit(status)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "unknown strategy 'foo'" in done.stderr       # the worker's check, reported here
+    assert "AVALANCHE False" in done.stdout
+    assert not (tmp_path / "r").exists()

@@ -214,28 +214,21 @@ def _checked_run(args: argparse.Namespace, benchmarks: list[str], *, jobs: Optio
                  address: Optional[str], gpus_per_run: float, parallel: bool) -> int:
     """``run`` once its arguments are valid: strategies and data checked, then the runs (in this
     process, or as Ray tasks when ``parallel``) and the table. Returns the exit status."""
-    from lance_cl import strategies as recipes
+    check = dict(compact=args.compact, data_root=args.data_root, quick=args.quick,
+                 check_data=address is None)   # a cluster's nodes hold their own data sets
+    if parallel and address is None:
+        # on a worker of the local instance: the imports it needs happen where the runs will run
+        from . import sweep
 
-    try:
-        for name in args.strategies:
-            recipes.parse_strategy(name)
-        names = [recipes.with_compaction(s) if args.compact else s
-                 for s in args.strategies]
-    except ValueError as exc:   # every strategy is checked before anything trains
-        print(f"lance-cl run: {exc}", file=sys.stderr)
+        if args.data_root is not None:
+            check["data_root"] = sweep.anchored(args.data_root)
+        names, error = sweep.call_on_worker(check_sweep, benchmarks, args.strategies, **check)
+    else:
+        names, error = check_sweep(benchmarks, args.strategies, **check)
+    if error is not None:   # every strategy and data set is checked before anything trains
+        print(f"lance-cl run: {error}", file=sys.stderr)
         return 2
     args.strategies = names
-    if address is None:   # data sets checked once here; a cluster's nodes hold their own
-        from lance_cl.data import DatasetNotFoundError
-
-        from .runner import check_experiments
-
-        try:
-            for benchmark in benchmarks:
-                check_experiments(benchmark, names, data_root=args.data_root, quick=args.quick)
-        except DatasetNotFoundError as exc:
-            print(f"lance-cl run: {exc}", file=sys.stderr)
-            return 2
     options = dict(out_dir=args.out, epochs=args.epochs, data_root=args.data_root,
                    device=args.device, quick=args.quick, resume=not args.no_resume,
                    threads=args.threads, overrides=dict(args.overrides) or None)
@@ -277,6 +270,33 @@ def _checked_run(args: argparse.Namespace, benchmarks: list[str], *, jobs: Optio
         print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
+
+
+def check_sweep(benchmarks: Sequence[str], strategies: Sequence[str], *, compact: bool,
+                data_root: Optional[str], quick: bool, check_data: bool = True
+                ) -> tuple[Optional[list[str]], Optional[str]]:
+    """Check a sweep before anything trains: every strategy name, then (``check_data``) the data
+    sets of every benchmark. Returns (the strategy names to run, with ``compact`` applied, None),
+    or (None, the error message)."""
+    from lance_cl import strategies as recipes
+
+    try:
+        for name in strategies:
+            recipes.parse_strategy(name)
+        names = [recipes.with_compaction(s) if compact else s for s in strategies]
+    except ValueError as exc:
+        return None, str(exc)
+    if check_data:
+        from lance_cl.data import DatasetNotFoundError
+
+        from .runner import check_experiments
+
+        try:
+            for benchmark in benchmarks:
+                check_experiments(benchmark, names, data_root=data_root, quick=quick)
+        except DatasetNotFoundError as exc:
+            return None, str(exc)
+    return names, None
 
 
 def _run_on_ray(args: argparse.Namespace, benchmarks: list[str], options: dict[str, Any], *,

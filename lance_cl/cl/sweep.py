@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 __all__ = [
     "FAULT_ENV",
@@ -36,6 +36,8 @@ __all__ = [
     "RayUnavailableError",
     "SweepOutcome",
     "SweepRun",
+    "anchored",
+    "call_on_worker",
     "import_ray",
     "local_cores",
     "local_instance",
@@ -68,7 +70,7 @@ class SweepRun:
     @property
     def stem(self) -> str:
         """File stem of the run's JSON and checkpoint (``<benchmark>__<strategy>__seed<k>``)."""
-        from .runner import result_path
+        from .run_files import result_path
 
         return result_path(".", self.benchmark, self.strategy, self.seed).stem
 
@@ -167,7 +169,7 @@ def start_over(out_dir: Union[str, Path], runs: Iterable[SweepRun]) -> list[Path
     """Delete the result JSON and the checkpoints of ``runs`` under ``out_dir`` (a checkpoint's
     older copies beside it too, not the ``*.corrupt`` files set aside for inspection); returns
     what was deleted."""
-    from .runner import checkpoint_path, result_path
+    from .run_files import checkpoint_path, result_path
 
     deleted = []
     for run in runs:
@@ -181,7 +183,7 @@ def start_over(out_dir: Union[str, Path], runs: Iterable[SweepRun]) -> list[Path
     return deleted
 
 
-def _anchored(path: Union[str, Path]) -> str:
+def anchored(path: Union[str, Path]) -> str:
     """A relative path made absolute from this directory; absolute and ``~`` paths as given
     (``~`` is each node's home)."""
     text = str(path)
@@ -220,6 +222,24 @@ def _warm_up() -> int:
     from . import runner  # noqa: F401
 
     return os.getpid()
+
+
+def _call_with_env(fn: Callable[..., Any], env: dict[str, str], args: tuple, kwargs: dict) -> Any:
+    os.environ.update(env)
+    return fn(*args, **kwargs)
+
+
+def call_on_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` as a one-CPU task on the initialised Ray instance, with the
+    driver's data settings (:data:`FORWARDED_ENV`): what a run's worker sees, and the imports
+    it needs happen there, not in the driver. Returns its result; its exception is raised."""
+    ray = import_ray()
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    task = ray.remote(_call_with_env).options(num_cpus=1, max_retries=0)
+    try:
+        return ray.get(task.remote(fn, env, args, kwargs))
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.as_instanceof_cause() from None
 
 
 @contextlib.contextmanager
@@ -307,8 +327,7 @@ def run_sweep(
     if gpus_per_run < 0 or (gpus_per_run > 1 and gpus_per_run != int(gpus_per_run)):
         raise ValueError(f"gpus_per_run must be a fraction in [0, 1] or a whole number, got {gpus_per_run}")
     ray = import_ray()
-    from .runner import result_path
-    from .run_files import write_json_atomic
+    from .run_files import result_path, write_json_atomic
 
     if not options.pop("resume"):
         start_over(options["out_dir"], runs)   # once: the tasks resume, so a retry keeps its progress
@@ -316,7 +335,7 @@ def run_sweep(
 
     for key in ("out_dir", "data_root"):   # a worker's current directory is not the driver's
         if options.get(key) is not None:
-            options[key] = _anchored(options[key])
+            options[key] = anchored(options[key])
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     fault = _parse_fault(os.environ.get(FAULT_ENV))
     threads = options.get("threads")
