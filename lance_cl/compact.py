@@ -140,7 +140,8 @@ def expansion_segments(model: nn.Module, min_ratio: float = 2.0) -> tuple[str, .
 
 def recomputed_layer_names(model: nn.Module) -> set[str]:
     """Qualified names of the modules whose activations ``model`` recomputes in backward: the
-    chains of its recomputed declared segments and everything inside a recomputed submodule.
+    chains of its recomputed declared segments, and every recomputed submodule with everything
+    inside it.
     Their saved tensors live only during their own backward, so compressing them saves no
     memory (a segment the model declares without its chain is not listed)."""
     names: set[str] = set()
@@ -148,7 +149,8 @@ def recomputed_layer_names(model: nn.Module) -> set[str]:
         names.update(getattr(model, "segment_chains", {}).get(segment, ()))
     for name, module in model.named_modules():
         if _is_recomputed(module):
-            names.update(f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub)
+            names.update(f"{name}.{sub}" if name and sub else name or sub
+                         for sub, _ in module.named_modules() if name or sub)
     return names
 
 

@@ -423,3 +423,31 @@ def test_fan_in_grams_are_the_representation_matrices_of_the_unfolded_inputs():
     # the conv's product is float32 (relative error ~1e-6), the Linear's float64
     torch.testing.assert_close(grams["0"], conv_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grams["2"], hidden.t() @ hidden, rtol=1e-6, atol=1e-6)
+
+
+def test_a_recomputed_conv_keeps_its_input_and_its_update_stays_off_the_protected_span():
+    """Nothing of a recomputed layer is stored, so LANCE-CL trains it from its input with the
+    gradient projected onto U_F (the core's gradient, the product being linear): conv2, whose
+    rank-4 core is smaller than its input, is stored as a core unless it is recomputed; either
+    way its task-2 update is orthogonal to its task-1 basis."""
+    import lance_cl
+    from lance_cl import compact_activations
+
+    bm = digits_benchmark(2)
+    for recompute, storage in (((), "core"), (("conv2",), "input")):
+        model = make_model(2)
+        # compressed first, so that the recomputed module is the one LANCE-CL trains
+        lance_cl.compress(model, "lance", layers=protected_names(model), layout="patch")
+        compact_activations(model, recompute=recompute)
+        plugin = LanceCLPlugin(eps=0.9, small_layer_dim=0, train_max_rank=4)
+        strategy = strategy_with(plugin, model, epochs=1)
+        strategy.train(bm.train_stream[0])
+        basis = plugin.bases["conv2"].double()
+        shape = (model.conv2.weight.shape[0], -1)
+        before = model.conv2.weight.detach().double().reshape(shape).clone()
+        strategy.train(bm.train_stream[1])
+        log = plugin.layer_log[1]["layers"]["conv2"]
+        assert log["storage"] == storage and log["train_rank"] == 4
+        change = model.conv2.weight.detach().double().reshape(shape) - before
+        assert change.norm() > 1e-4                                # it trained
+        assert (change @ basis).norm() <= 1e-5 * change.norm()     # off the protected span

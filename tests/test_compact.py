@@ -369,7 +369,9 @@ def test_recomputed_layer_names_are_the_recomputed_chains_and_submodules():
     seq = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
                         nn.Conv2d(4, 2, 1))
     lance_cl.compact_activations(seq, recompute=["0"])
-    assert recomputed_layer_names(seq) == {"0.0", "0.1", "0.2"}
+    assert recomputed_layer_names(seq) == {"0", "0.0", "0.1", "0.2"}
+    lance_cl.compact_activations(seq, recompute=["1"])          # a layer recomputed on its own
+    assert recomputed_layer_names(seq) == {"0", "0.0", "0.1", "0.2", "1"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

@@ -144,7 +144,8 @@ class LanceCLPlugin(SubspacePlugin):
         self.frozen = []
         self._grad_projectors = {}
         for name, layer in layers.items():
-            self._set_training_factors(name, layer, calibration, position=position[name])
+            self._set_training_factors(name, layer, calibration, position=position[name],
+                                       recomputed=name in recomputed)
 
     def _training_factor(self, name: str, gram: torch.Tensor, rank_bound: Optional[int] = None
                          ) -> tuple[torch.Tensor, float, dict]:
@@ -168,9 +169,14 @@ class LanceCLPlugin(SubspacePlugin):
         return u, covered, info
 
     def _set_training_factors(self, name: str, layer: CompressedLayer, calibration: Calibration,
-                              position: bool = True) -> None:
+                              position: bool = True, recomputed: bool = False) -> None:
         """U_F and (``position``: with a position_eps, unless the layer's input is recomputed in
-        backward, where a smaller core saves nothing) the position factors of one layer."""
+        backward, where a smaller core saves nothing) the position factors of one layer.
+
+        A layer keeps its input and has its weight gradient projected, g <- g U_F U_F^T (the same
+        gradient as from the core, the product being linear), when the core would be no smaller
+        than the input, or when the layer is ``recomputed`` in backward: nothing of it is stored
+        then, and the plain weight gradient is the cheaper product."""
         comp = layer.compressor
         grams = calibration.grams(name)
         fan_in_mode = 1 if isinstance(layer, CompressedConv2d) else comp.n_modes - 1
@@ -194,7 +200,7 @@ class LanceCLPlugin(SubspacePlugin):
         calibration.fix_factors(name, factors)
         per_sample_core = math.prod(core_shape(comp.calibrated_shape.tolist(), factors[1:]))
         per_sample_input = math.prod(layer.last_input_shape[1:])
-        store_input = u_fan_in.shape[1] > 0 and per_sample_core >= per_sample_input
+        store_input = u_fan_in.shape[1] > 0 and (recomputed or per_sample_core >= per_sample_input)
         log["storage"] = "input" if store_input else "core"
         if store_input:
             layer.set_mode(LayerMode.STORE_INPUT)
