@@ -420,8 +420,8 @@ def test_fan_in_grams_are_the_representation_matrices_of_the_unfolded_inputs():
     model.float()
     assert rows == {"0": 12 * 16, "2": 12}
     assert grams["0"].dtype == grams["2"].dtype == torch.float64
-    # the conv's product is float32 (relative error ~1e-6), the Linear's float64
-    torch.testing.assert_close(grams["0"], conv_ref, rtol=1e-5, atol=1e-5)
+    # float64 products of the float32 activations: exact up to the activations' own rounding
+    torch.testing.assert_close(grams["0"], conv_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grams["2"], hidden.t() @ hidden, rtol=1e-6, atol=1e-6)
 
 
