@@ -194,7 +194,8 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
         os.environ["LANCE_CL_DOWNLOAD"] = "1"  # read by lance_cl.benchmarks.get_benchmark
     local_ray = contextlib.ExitStack()
     if parallel and address is None:
-        # started first: its workers import torch and Avalanche while this process checks names
+        # started first: its workers import torch and Avalanche, and one of them checks the names
+        # and data sets, while this process imports neither
         from . import sweep
 
         try:
