@@ -132,8 +132,9 @@ def profiler_peak_bytes(prof: torch.profiler.profile, device_type: str = "cpu") 
     The profiler's ``[memory]`` events carry +bytes per allocation and -bytes per free; summed in
     time order (ties keep the recorded order) they give the bytes live above the start of the
     profile, and the maximum of that sum (0 if it never rises) is returned. Only events of
-    ``device_type`` ("cpu" or "cuda") count. Frees of tensors older than the profile lower the
-    sum, as they lower the allocator's total.
+    ``device_type`` ("cpu" or "cuda") count. The profiler reports no free of a block allocated
+    before the profile started (it warns "Memory block of unknown size was allocated before the
+    profiling started"), so tensors older than the step never lower the sum.
     """
     wanted = getattr(torch.autograd.DeviceType, device_type.upper())
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
