@@ -52,6 +52,17 @@ def _without_timings(value: Any) -> Any:
     return value
 
 
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Paths where two JSON-like values differ (for a readable assertion message)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b))
+                for d in (_differences(a.get(k), b.get(k), f"{path}/{k}") if k in a and k in b
+                          else [f"{path}/{k}: only on one side"])]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (u, v) in enumerate(zip(a, b)) for d in _differences(u, v, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
 def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -78,7 +89,8 @@ def test_sweep_on_ray_writes_the_run_files_of_sequential_runs(sweeps: dict[str, 
         seq, par = _load(seq_dir / name), _load(ray_dir / name)
         assert par["status"] == "complete" and len(par["accuracy_matrix"]) == 5
         # accuracy matrices, memory figures, config: all of it, bar the seconds
-        assert _without_timings(par) == _without_timings(seq), name
+        assert _without_timings(par) == _without_timings(seq), \
+            (name, _differences(_without_timings(par), _without_timings(seq))[:10])
     status, printed, _ = sweeps["ray"]
     for strategy in ("naive", "gpm"):   # the same table rows as `lance-cl report`
         assert f"| split_digits | {strategy} | 2 |" in printed
