@@ -5,7 +5,7 @@ change here.
 A bench method is a registered method name, optionally followed by a compaction suffix (the ops
 between the weight layers save compact tensors too): ``+compact`` (exact gradients, the stem
 and the expansion layers of inverted residual blocks recomputed in backward:
-:func:`lance_cl.compact.stem_segments`, :func:`lance_cl.compact.expansion_segments`),
+:func:`lance_cl.compact.default_recompute`),
 ``+compact_nostem`` (the same with nothing recomputed), ``+compact_bf16`` /
 ``+compact_int8`` (BatchNorm's normalised input in reduced precision). Each method class says
 which suffixes it is offered with and which run by default (``bench_variants``,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import lance_cl
-from lance_cl.compact import expansion_segments, stem_segments
+from lance_cl.compact import default_recompute
 from lance_cl.progress import progress_bar
 from lance_cl.train_modes import preserved_train_modes
 from lance_cl.wrap import compressed_layers
@@ -187,8 +187,7 @@ def _setup_method(method: str, base: nn.Module, body: Sequence[str], cfg: BenchC
     names = method_layers(method, model, body)
     plain_method, variant = split_variant(method)
     compact = None if variant is None else {
-        "batch_norm": variant[0],
-        "recompute": stem_segments(model) + expansion_segments(model) if variant[1] else ()}
+        "batch_norm": variant[0], "recompute": default_recompute(model) if variant[1] else ()}
     lance_cl.compress(model, plain_method, names, **method_options(method, cfg))
     calibration = calibration_batches(method, cfg)
     if calibration is not None:

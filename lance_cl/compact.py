@@ -122,9 +122,10 @@ def expansion_segments(model: nn.Module, min_ratio: float = 2.0) -> tuple[str, .
     """Names of the ``nn.Sequential`` submodules made of a 1x1 ``Conv2d`` that widens its input
     by at least ``min_ratio`` (out / in channels), a ``BatchNorm2d`` and an activation (ReLU,
     ReLU6, Hardtanh, LeakyReLU): the expansion layers of inverted residual blocks (MobileNetV2,
-    torchvision's included, whose last 1x1 conv block qualifies as well). Recomputing one in backward keeps its input (C_in channels)
-    instead of the BatchNorm's normalised map and the activation's mask (>= min_ratio x C_in
-    channels), for one more 1x1 conv, normalisation and activation per step."""
+    torchvision's included, whose last 1x1 conv block qualifies as well). Recomputing one in
+    backward keeps its input (C_in channels) instead of the BatchNorm's normalised map and the
+    activation's mask (>= min_ratio x C_in channels), for one more 1x1 conv, normalisation and
+    activation per step."""
     activations = tuple(t for t, c in COMPACT_MODULES.items() if c.kind == "activation")
     names = []
     for name, module in model.named_modules():
@@ -138,6 +139,13 @@ def expansion_segments(model: nn.Module, min_ratio: float = 2.0) -> tuple[str, .
     return tuple(names)
 
 
+def default_recompute(model: nn.Module) -> tuple[str, ...]:
+    """The segments exact compaction recomputes in backward unless told otherwise (the bench's
+    ``+compact`` variants, the recipes' compaction): the stem (:func:`stem_segments`) and the
+    expansion layers (:func:`expansion_segments`)."""
+    return stem_segments(model) + expansion_segments(model)
+
+
 def recomputed_layer_names(model: nn.Module) -> set[str]:
     """Qualified names of the modules whose activations ``model`` recomputes in backward: the
     chains of its recomputed declared segments, and every recomputed submodule with everything
@@ -149,8 +157,10 @@ def recomputed_layer_names(model: nn.Module) -> set[str]:
         names.update(getattr(model, "segment_chains", {}).get(segment, ()))
     for name, module in model.named_modules():
         if _is_recomputed(module):
-            names.update(f"{name}.{sub}" if name and sub else name or sub
-                         for sub, _ in module.named_modules() if name or sub)
+            for sub, _ in module.named_modules():      # sub == "": the module itself
+                qualified = ".".join(part for part in (name, sub) if part)
+                if qualified:
+                    names.add(qualified)
     return names
 
 

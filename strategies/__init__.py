@@ -68,12 +68,11 @@ def compaction_options(model: nn.Module, defaults: dict) -> dict:
     ``compact_recompute`` (segments recomputed in backward; default: the model's stem when it
     declares one and the expansion layers of inverted residual blocks, unless
     ``compact_recompute_stem`` is false)."""
-    from lance_cl.compact import expansion_segments, stem_segments
+    from lance_cl.compact import default_recompute
 
     recompute = defaults.get("compact_recompute")
     if recompute is None:
-        recompute = stem_segments(model) + expansion_segments(model) \
-            if defaults.get("compact_recompute_stem", True) else ()
+        recompute = default_recompute(model) if defaults.get("compact_recompute_stem", True) else ()
     return {"batch_norm": defaults.get("compact_batch_norm", "float"),
             "dropout": defaults.get("compact_dropout", "packed"), "recompute": tuple(recompute)}
 

@@ -305,6 +305,10 @@ def test_expansion_segments_are_the_widening_1x1_conv_norm_activation_blocks():
         "features.18",)
     assert expansion_segments(AlexNet5(n_tasks=1, n_classes=3)) == ()
     assert expansion_segments(blocks, min_ratio=7) == ()
+    # what exact compaction recomputes by default: the stem, then the expansions
+    from lance_cl.compact import default_recompute
+    assert default_recompute(blocks) == ("stem",) + expansion_segments(blocks)
+    assert default_recompute(AlexNet5(n_tasks=1, n_classes=3)) == ("stem",)
 
 
 def test_recomputed_expansions_keep_the_gradients_and_drop_their_saved_maps():

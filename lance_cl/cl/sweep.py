@@ -245,8 +245,8 @@ def call_on_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 @contextlib.contextmanager
 def local_instance(slots: int, gpus_per_run: float = 0.0) -> Iterator[Any]:
     """A local Ray instance with ``slots`` CPU slots for the duration of the block, its workers
-    warming up meanwhile: one task per slot imports what a run imports, so that this cost
-    overlaps the caller's own work (checking names and data) instead of delaying the first runs.
+    warming up meanwhile: one task per slot imports what a run imports, so that this cost is
+    paid while the sweep is checked (:func:`call_on_worker`) instead of delaying the first runs.
     Yields the ``ray`` module; shuts the instance down on leaving unless Ray was already
     initialised (then that instance is used and left running)."""
     ray = import_ray()

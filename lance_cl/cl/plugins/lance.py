@@ -133,10 +133,9 @@ class LanceCLPlugin(SubspacePlugin):
             return
         loader = self.task_loader(strategy, batch_size=strategy.train_mb_size)
         recomputed = recomputed_layer_names(model)
-        position = {n: self.position_eps is not None and n not in recomputed for n in layers}
         # a conv without a position factor needs only its fan-in Gram (mode 1 of the patches)
-        fan_in_only = {n: (1,) for n, layer in layers.items()
-                       if isinstance(layer, CompressedConv2d) and not position[n]}
+        fan_in_only = {n: (1,) for n, layer in layers.items() if isinstance(layer, CompressedConv2d)
+                       and not self._position_factor(n in recomputed)}
         calibration = Calibration(model, layers, forward=forward_batch,
                                   column_ratio=self.calibration_column_ratio, modes=fan_in_only)
         calibration.run(self._device_batches(loader, strategy.device),
@@ -144,8 +143,7 @@ class LanceCLPlugin(SubspacePlugin):
         self.frozen = []
         self._grad_projectors = {}
         for name, layer in layers.items():
-            self._set_training_factors(name, layer, calibration, position=position[name],
-                                       recomputed=name in recomputed)
+            self._set_training_factors(name, layer, calibration, recomputed=name in recomputed)
 
     def _training_factor(self, name: str, gram: torch.Tensor, rank_bound: Optional[int] = None
                          ) -> tuple[torch.Tensor, float, dict]:
@@ -168,10 +166,14 @@ class LanceCLPlugin(SubspacePlugin):
             info["train_rule"] = "complement"       # small layer: the whole complement of P
         return u, covered, info
 
+    def _position_factor(self, recomputed: bool) -> bool:
+        """Whether a layer gets position factors: with a position_eps, unless it is recomputed in
+        backward, where a smaller core saves nothing."""
+        return self.position_eps is not None and not recomputed
+
     def _set_training_factors(self, name: str, layer: CompressedLayer, calibration: Calibration,
-                              position: bool = True, recomputed: bool = False) -> None:
-        """U_F and (``position``: with a position_eps, unless the layer's input is recomputed in
-        backward, where a smaller core saves nothing) the position factors of one layer.
+                              recomputed: bool = False) -> None:
+        """U_F and (:meth:`_position_factor`) the position factors of one layer.
 
         A layer keeps its input and has its weight gradient projected, g <- g U_F U_F^T (the same
         gradient as from the core, the product being linear), when the core would be no smaller
@@ -185,6 +187,7 @@ class LanceCLPlugin(SubspacePlugin):
         dtype = layer.weight.dtype
         factors: list = [None] * comp.n_modes
         factors[fan_in_mode] = u_fan_in.to(dtype)
+        position = self._position_factor(recomputed)
         for mode, gram in grams.items():
             if mode != fan_in_mode and position:
                 factors[mode] = top_eigenvectors(gram, eps=self.position_eps)[0].to(dtype)

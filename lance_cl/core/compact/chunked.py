@@ -240,8 +240,9 @@ class _ChunkedBlockFunction(torch.autograd.Function):
                 with torch.no_grad():
                     x_hat = _normalise(block.conv(p), mean, invstd)
                 du = _tail_grad(block, x_hat, g, s)
-                sum_du += du.sum(dim=(0, 2, 3))
-                sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
+                du_c, du_xhat_c = _channel_sums(du, x_hat)
+                sum_du += du_c
+                sum_du_xhat += du_xhat_c
             positions = x.shape[0] * x_hat.shape[2] * x_hat.shape[3]
             means = _batch_means(norm, mean, sum_du, sum_du_xhat, positions)
             for p, g, s, gx in zip(parts, grads, seeds, grad_x_parts):
@@ -275,6 +276,11 @@ def _tail(block: ChunkedBlock, x_hat: Tensor, seed: int, grad: bool) -> tuple[Te
         return u, block.tail_forward(u.clone() if grad else u, seed)
 
 
+def _channel_sums(du: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """sum(dL/du) and sum(dL/du * x_hat) per channel of one chunk: (C,) each."""
+    return du.sum(dim=(0, 2, 3)), (du * x_hat).sum(dim=(0, 2, 3))
+
+
 def _tail_grad(block: ChunkedBlock, x_hat: Tensor, grad_out: Tensor, seed: int) -> Tensor:
     """dL/du for one chunk, u the norm's output."""
     u, out = _tail(block, x_hat, seed, grad=True)
@@ -296,7 +302,7 @@ def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, seed: int, mean: 
         zc = block.conv(xc)
     x_hat = _normalise(zc.detach(), mean, invstd)
     du = _tail_grad(block, x_hat, g, seed)
-    sums = du.sum(dim=(0, 2, 3)), (du * x_hat).sum(dim=(0, 2, 3))
+    sums = _channel_sums(du, x_hat)
     grad_z = du * _channel(norm.weight.detach()) if norm.weight is not None else du
     if means is not None:
         grad_z = grad_z.sub_(_channel(means[0])).sub_(x_hat.mul_(_channel(means[1])))
@@ -336,8 +342,9 @@ def _one_pass(block: ChunkedBlock, parts: Sequence[Tensor], grads: Sequence[Tens
             zc = block.conv(p.detach())
         x_hat = _normalise(zc.detach(), mean, invstd)
         du = _tail_grad(block, x_hat, g, s)
-        sum_du += du.sum(dim=(0, 2, 3))
-        sum_du_xhat += (du * x_hat).sum(dim=(0, 2, 3))
+        du_c, du_xhat_c = _channel_sums(du, x_hat)
+        sum_du += du_c
+        sum_du_xhat += du_xhat_c
         positions += du.numel() // du.shape[1]
         if params:
             for i, grad_z in enumerate((du, torch.ones_like(du), x_hat)):
