@@ -217,7 +217,19 @@ def test_the_command_leaves_no_ray_instance_behind(sweeps: dict[str, Any]) -> No
 
 def test_warm_up_imports_what_a_run_imports() -> None:
     import os
+    import subprocess
 
+    # in a fresh interpreter: importing the sweep module loads neither the runner nor Avalanche,
+    # and the warm-up task's body loads both (and returns its process id)
+    code = ("import os, sys\n"
+            "from lance_cl.cl import sweep\n"
+            "before = ('avalanche' in sys.modules, 'lance_cl.cl.runner' in sys.modules)\n"
+            "pid = sweep._warm_up()\n"
+            "print(before, ('avalanche' in sys.modules, 'lance_cl.cl.runner' in sys.modules), "
+            "pid == os.getpid())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["(False,", "False)", "(True,", "True)", "True"]
     assert sweep._warm_up() == os.getpid()
     assert "lance_cl.cl.runner" in sys.modules and "avalanche" in sys.modules
 
