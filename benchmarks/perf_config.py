@@ -6,8 +6,9 @@ A bench method is a registered method name, optionally followed by a compaction 
 between the weight layers save compact tensors too): ``+compact`` (exact gradients, the stem
 and the expansion layers of inverted residual blocks recomputed in backward:
 :func:`lance_cl.compact.default_recompute`),
-``+compact_nostem`` (the same with nothing recomputed), ``+compact_bf16`` /
-``+compact_int8`` (BatchNorm's normalised input in reduced precision). Each method class says
+``+compact_nostem`` (the same with nothing recomputed), ``+compact_keep`` (the recomputed
+stem keeps its per-sample ops' 1-bit masks and pool offsets: ``segment_tail="keep"``),
+``+compact_bf16`` / ``+compact_int8`` (BatchNorm's normalised input in reduced precision). Each method class says
 which suffixes it is offered with and which run by default (``bench_variants``,
 ``bench_default_variants``), which config fields become its options (``bench_options``) and how
 many calibration batches it gets (``bench_calibration``).
@@ -22,10 +23,11 @@ from torch import nn
 from lance_cl.compressors import METHODS, Compressor
 from lance_cl.data import DatasetNotFoundError
 
-# suffix -> (BatchNorm storage, recompute the stem and the expansion layers)
-COMPACT_VARIANTS: dict[str, tuple[str, bool]] = {
-    "+compact": ("float", True), "+compact_nostem": ("float", False),
-    "+compact_bf16": ("bf16", True), "+compact_int8": ("int8", True)}
+# suffix -> (BatchNorm storage, recompute the stem and the expansion layers, segment tail)
+COMPACT_VARIANTS: dict[str, tuple[str, bool, str]] = {
+    "+compact": ("float", True, "recompute"), "+compact_nostem": ("float", False, "recompute"),
+    "+compact_keep": ("float", True, "keep"),
+    "+compact_bf16": ("bf16", True, "recompute"), "+compact_int8": ("int8", True, "recompute")}
 MODELS: tuple[str, ...] = ("alexnet", "mobilenet")
 REFERENCE = "vanilla"      # the method every other one is measured against (always runs first)
 
@@ -43,8 +45,8 @@ def default_methods() -> tuple[str, ...]:
                  for suffix in cls.bench_default_variants)
 
 
-def split_variant(name: str) -> tuple[str, Optional[tuple[str, bool]]]:
-    """'lance+compact_bf16' -> ('lance', ('bf16', True)); 'asi' -> ('asi', None)."""
+def split_variant(name: str) -> tuple[str, Optional[tuple[str, bool, str]]]:
+    """'lance+compact_bf16' -> ('lance', ('bf16', True, 'recompute')); 'asi' -> ('asi', None)."""
     for suffix in sorted(COMPACT_VARIANTS, key=len, reverse=True):
         if name.endswith(suffix):
             return name[: -len(suffix)], COMPACT_VARIANTS[suffix]

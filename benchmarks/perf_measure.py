@@ -187,7 +187,8 @@ def _setup_method(method: str, base: nn.Module, body: Sequence[str], cfg: BenchC
     names = method_layers(method, model, body)
     plain_method, variant = split_variant(method)
     compact = None if variant is None else {
-        "batch_norm": variant[0], "recompute": default_recompute(model) if variant[1] else ()}
+        "batch_norm": variant[0], "recompute": default_recompute(model) if variant[1] else (),
+        "segment_tail": variant[2]}
     lance_cl.compress(model, plain_method, names, **method_options(method, cfg))
     calibration = calibration_batches(method, cfg)
     if calibration is not None:

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from .core.compact import BATCH_NORM_STORAGES, DROPOUT_MODES, recompute_segment
+from .core.compact.recompute import check_tail
 from .layers.compact import COMPACT_MODULES, CompactModule
 from .layers.swap import set_submodule
 
@@ -41,13 +42,13 @@ class CompactReport(list):
         return "\n".join(lines)
 
 
-def _recomputed_forward(module: nn.Module, forward, *args, **kwargs) -> Tensor:
+def _recomputed_forward(module: nn.Module, forward, tail: str, *args, **kwargs) -> Tensor:
     if len(args) != 1 or kwargs:
         raise TypeError(f"a recomputed segment takes one tensor input; {type(module).__name__} got "
                         f"{len(args)} positional and {len(kwargs)} keyword arguments")
     # a Sequential applies its children in order: a conv -> BatchNorm -> per-sample one is chunked
     modules = tuple(module) if isinstance(module, nn.Sequential) else None
-    return recompute_segment(forward, args[0], module, modules=modules)
+    return recompute_segment(forward, args[0], module, modules=modules, tail=tail)
 
 
 def _is_recomputed(module: nn.Module) -> bool:
@@ -56,15 +57,18 @@ def _is_recomputed(module: nn.Module) -> bool:
     return isinstance(forward, functools.partial) and forward.func is _recomputed_forward
 
 
-def _mark_recompute(model: nn.Module, name: str) -> None:
+def _mark_recompute(model: nn.Module, name: str, tail: str) -> None:
     declared = getattr(model, "segment_names", lambda: ())()
     named = dict(model.named_modules())
     if name in declared:
         model.recomputed_segments = set(getattr(model, "recomputed_segments", set())) | {name}
+        model.segment_tail = tail
     elif name and name in named:
         module = named[name]
+        if _is_recomputed(module):
+            del module.forward                   # marked before: take this call's tail option
         if "forward" not in module.__dict__:
-            module.forward = functools.partial(_recomputed_forward, module, module.forward)
+            module.forward = functools.partial(_recomputed_forward, module, module.forward, tail)
     else:
         raise ValueError(f"recompute={name!r} is neither a submodule nor a segment of "
                          f"{type(model).__name__} (segments it declares: {list(declared) or 'none'}; "
@@ -73,14 +77,18 @@ def _mark_recompute(model: nn.Module, name: str) -> None:
 
 def compact_activations(model: nn.Module, *, batch_norm: str = "float", dropout: str = "packed",
                         kinds: Sequence[str] = KINDS, layers: Optional[Sequence[str]] = None,
-                        recompute: Sequence[str] = ()) -> CompactReport:
+                        recompute: Sequence[str] = (), segment_tail: str = "recompute"
+                        ) -> CompactReport:
     """Swap the model's activation, dropout, max-pool and batch-norm modules in place.
 
     batch_norm: storage of the normalised input, "float" (exact), "bf16" or "int8" (approximate,
     explicit opt-in). dropout: "packed" (1-bit mask) or "regenerate" (mask rebuilt from a seed).
     kinds: which of ``KINDS`` to compact. layers: optional module-name globs to restrict to.
     recompute: submodule names (or segments the model declares, e.g. AlexNet5's "stem") whose
-    forward is recomputed in backward, keeping only their input. Returns the report.
+    forward is recomputed in backward, keeping only their input. segment_tail: "recompute", or
+    "keep": a recomputed conv -> BatchNorm -> per-sample chain also keeps its per-sample ops'
+    1-bit masks and pool offsets from the forward (a faster backward for those bytes; docs/memory.md).
+    Returns the report.
     """
     if batch_norm not in BATCH_NORM_STORAGES:
         raise ValueError(f"batch_norm={batch_norm!r}: choose one of {BATCH_NORM_STORAGES}")
@@ -91,6 +99,7 @@ def compact_activations(model: nn.Module, *, batch_norm: str = "float", dropout:
         raise ValueError(f"kinds={unknown}: choose from {KINDS}")
     if isinstance(recompute, str):
         recompute = (recompute,)
+    check_tail(segment_tail)
     options = {"batch_norm": batch_norm, "dropout": dropout}
     for name, module in list(model.named_modules()):
         if layers is not None and not any(fnmatch.fnmatchcase(name, p) for p in layers):
@@ -106,7 +115,7 @@ def compact_activations(model: nn.Module, *, batch_norm: str = "float", dropout:
         else:
             raise ValueError(f"the model itself is a {type(module).__name__}: wrap it in a container")
     for name in recompute:
-        _mark_recompute(model, name)
+        _mark_recompute(model, name, segment_tail)
     return compact_report(model)
 
 
@@ -164,15 +173,22 @@ def recomputed_layer_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _segment_saves(tail: str) -> str:
+    if tail == "keep":
+        return "its input, and its per-sample ops' masks and offsets"
+    return "its input (recomputed in backward)"
+
+
 def compact_report(model: nn.Module) -> CompactReport:
     """The compacted modules and recomputed segments of ``model``."""
     rows = CompactReport()
     for name in sorted(getattr(model, "recomputed_segments", ())):
-        rows.append(CompactRow(name, "segment", "segment", "its input (recomputed in backward)"))
+        rows.append(CompactRow(name, "segment", "segment",
+                               _segment_saves(getattr(model, "segment_tail", "recompute"))))
     for name, module in model.named_modules():
         if _is_recomputed(module):
             rows.append(CompactRow(name, "segment", type(module).__name__,
-                                   "its input (recomputed in backward)"))
+                                   _segment_saves(module.forward.args[2])))
         if isinstance(module, CompactModule):
             rows.append(CompactRow(name, module.kind, module.plain_type.__name__, module.saves()))
     return rows
@@ -187,4 +203,5 @@ def uncompact_activations(model: nn.Module) -> nn.Module:
             set_submodule(model, name, module.to_plain())
     if hasattr(model, "recomputed_segments"):
         model.recomputed_segments = set()
+    model.__dict__.pop("segment_tail", None)
     return model

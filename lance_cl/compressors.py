@@ -375,7 +375,8 @@ class Vanilla(Compressor):
     name = "vanilla"
     uses_factors = False
     reads_activation = False
-    bench_variants = ("+compact", "+compact_nostem", "+compact_bf16", "+compact_int8")
+    bench_variants = ("+compact", "+compact_nostem", "+compact_keep", "+compact_bf16",
+                      "+compact_int8")
     bench_default_variants = ("", "+compact", "+compact_bf16")
 
     def step_factors(self, view: Tensor) -> list[Optional[Tensor]]:
@@ -435,7 +436,8 @@ class Lance(_EnergyOrBudget):
     name = "lance"
     reads_activation = False
     bench_calibration = "lance_calibration_batches"
-    bench_variants = ("+compact", "+compact_nostem", "+compact_bf16", "+compact_int8")
+    bench_variants = ("+compact", "+compact_nostem", "+compact_keep", "+compact_bf16",
+                      "+compact_int8")
     bench_default_variants = ("", "+compact", "+compact_bf16")
 
     def calibration_statistics(self, column_ratio: Optional[float] = None) -> CalibrationStatistics:

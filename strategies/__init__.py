@@ -62,19 +62,26 @@ def with_compaction(name: str) -> str:
     return name if compact else recipe.name + COMPACT_SUFFIX
 
 
+# what a recomputed chunked segment keeps by default (docs/memory.md, "A kept tail")
+SEGMENT_TAIL = "keep"
+
+
 def compaction_options(model: nn.Module, defaults: dict) -> dict:
     """Options of :func:`lance_cl.compact_activations` from the benchmark defaults:
     ``compact_batch_norm`` (storage, "float"), ``compact_dropout`` ("packed") and
     ``compact_recompute`` (segments recomputed in backward; default: the model's stem when it
     declares one and the expansion layers of inverted residual blocks, unless
-    ``compact_recompute_stem`` is false)."""
+    ``compact_recompute_stem`` is false) and ``compact_segment_tail`` ("keep": a recomputed
+    chunked segment keeps its per-sample ops' 1-bit masks and pool offsets, which spares the
+    backward their forward; "recompute": only its input)."""
     from lance_cl.compact import default_recompute
 
     recompute = defaults.get("compact_recompute")
     if recompute is None:
         recompute = default_recompute(model) if defaults.get("compact_recompute_stem", True) else ()
     return {"batch_norm": defaults.get("compact_batch_norm", "float"),
-            "dropout": defaults.get("compact_dropout", "packed"), "recompute": tuple(recompute)}
+            "dropout": defaults.get("compact_dropout", "packed"), "recompute": tuple(recompute),
+            "segment_tail": defaults.get("compact_segment_tail", SEGMENT_TAIL)}
 
 
 def _subspace_options(d: dict) -> dict:

@@ -4,6 +4,7 @@ what it saves, its random state, running statistics and peak."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -49,9 +50,12 @@ def _block(train: bool, affine: bool, bias: bool, stride: int, padding: int, tai
                                                  (1, 1, "relu6_avg"), (1, 0, "none")])
 @pytest.mark.parametrize("chunks", [2, 3])
 @pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "stem"])
+@pytest.mark.parametrize("keep_tail", [False, True], ids=["tail_recomputed", "tail_kept"])
 def test_gradients_are_the_whole_batch_ones(train, affine, bias, stride, padding, tail, chunks,
-                                            input_grad):
-    """With an input gradient, batch statistics take two passes; without one (a stem), one."""
+                                            input_grad, keep_tail):
+    """With an input gradient, batch statistics take two passes; without one (a stem), one.
+    A kept tail (its graph from the forward) gives the same gradients; an average pool or no
+    tail at all cannot be kept and is recomputed."""
     torch.manual_seed(0)
     modules = _block(train, affine, bias, stride, padding, tail)
     reference = nn.Sequential(*copy.deepcopy(modules))
@@ -64,7 +68,8 @@ def test_gradients_are_the_whole_batch_ones(train, affine, bias, stride, padding
     wanted = ([x] if input_grad else []) + list(reference.parameters())
     expected_grads = torch.autograd.grad(expected, wanted, g)
 
-    block = ChunkedBlock.from_modules(modules, chunks)
+    block = dataclasses.replace(ChunkedBlock.from_modules(modules, chunks), keep_tail=keep_tail)
+    assert block.keeps_tail() == (keep_tail and tail in ("relu_pool", "leaky"))
     out = chunked_block(x, block)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     params = [p for m in modules for p in m.parameters()]
@@ -105,14 +110,16 @@ def test_a_frozen_or_parametrized_stem_conv_gets_the_whole_batch_gradients(conv_
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_dropout_masks_are_drawn_per_chunk_and_redrawn_identically():
+@pytest.mark.parametrize("keep_tail", [False, True], ids=["tail_recomputed", "tail_kept"])
+def test_dropout_masks_are_drawn_per_chunk_and_redrawn_identically(keep_tail):
     torch.manual_seed(1)
     conv, norm = nn.Conv2d(2, 4, 3).double(), nn.BatchNorm2d(4).double()
     drop, pool = nn.Dropout(0.4), nn.MaxPool2d(2)
     x = torch.randn(6, 2, 10, 10, dtype=torch.float64)
     reference = [copy.deepcopy(m) for m in (conv, norm)]
     state = torch.get_rng_state()
-    out = chunked_block(x, ChunkedBlock.from_modules([conv, norm, nn.ReLU(), drop, pool], 3))
+    block = ChunkedBlock.from_modules([conv, norm, nn.ReLU(), drop, pool], 3)
+    out = chunked_block(x, dataclasses.replace(block, keep_tail=keep_tail))
     g = torch.randn_like(out)
     after = torch.get_rng_state()
     out.backward(g)
@@ -141,6 +148,57 @@ def test_only_the_input_and_per_channel_statistics_are_saved():
     big = [s for s in saved if s[1] != torch.uint8 and len(s[0]) > 1]
     assert big == [((8, 3, 12, 12), torch.float64)]                 # x, nothing of the feature map
     assert {s for s in saved if s not in big} <= {((5,), torch.float64), ((1,), torch.int64)}
+
+
+def test_a_kept_tail_saves_its_masks_and_offsets_only():
+    """Kept: x, the statistics, and per chunk the ReLU's 1-bit mask, the dropout's 1-bit mask and
+    the pool's uint8 offsets, counted by hand; nothing of the feature maps in float."""
+    torch.manual_seed(2)
+    conv, norm = nn.Conv2d(3, 5, 3, bias=False).double(), nn.BatchNorm2d(5).double()
+    block = ChunkedBlock.from_modules([conv, norm, nn.ReLU(), nn.Dropout(0.3), nn.MaxPool2d(2)], 4)
+    block = dataclasses.replace(block, keep_tail=True)
+    x = torch.randn(8, 3, 12, 12, dtype=torch.float64)
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = chunked_block(x, block)
+    floats = [tuple(t.shape) for t in saved if t.is_floating_point() and t.dim() > 1]
+    assert floats == [(8, 3, 12, 12)]
+    chunk_map, chunk_pooled = 2 * 5 * 10 * 10, 2 * 5 * 5 * 5        # 2 samples per chunk
+    assert sum(t.numel() for t in saved if t.dtype == torch.uint8) == \
+        4 * (2 * (chunk_map // 8) + chunk_pooled)
+    out.backward(torch.randn_like(out))
+    assert conv.weight.grad is not None and norm.weight.grad is not None
+
+
+def test_a_tail_that_would_save_floats_is_not_kept():
+    conv, norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    keep = lambda *tail: dataclasses.replace(                              # noqa: E731
+        ChunkedBlock.from_modules([conv, norm, *tail], 2), keep_tail=True).keeps_tail()
+    assert keep(nn.ReLU6(), nn.Dropout2d(0.1), nn.MaxPool2d(3, 2, 1))
+    assert keep(nn.LeakyReLU(0.2), nn.Identity())
+    assert not keep(nn.SiLU())                    # saves its input
+    assert not keep(nn.ReLU(), nn.AvgPool2d(2))   # not one of the ops kept compactly
+    assert not keep(nn.MaxPool2d(2, return_indices=True))   # its indices are int64
+    assert not keep(nn.Identity())                # nothing to keep
+
+
+@pytest.mark.parametrize("shape,mask_shape", [((4, 3, 5, 5), (4, 3, 5, 5)), ((4, 3, 5, 5), (4, 3, 1, 1))])
+def test_masked_dropout_scales_by_the_mask_and_saves_it_bit_packed(shape, mask_shape):
+    from lance_cl.core.compact import masked_dropout
+
+    torch.manual_seed(3)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(mask_shape) > 0.4
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = masked_dropout(x, mask, 0.4)
+    expected = x.detach() * mask / 0.6
+    torch.testing.assert_close(y, expected, rtol=1e-15, atol=0)
+    assert [t.dtype for t in saved] == [torch.uint8]
+    assert saved[0].numel() == -(-mask.numel() // 8)
+    g = torch.randn(shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(grad, g * mask / 0.6, rtol=1e-15, atol=0)
 
 
 def test_not_a_chunkable_block_is_refused():
@@ -206,6 +264,36 @@ def test_compacted_alexnet_stem_is_chunked_and_exact(always_chunk):
     plain(x, 0).square().sum().backward()
     for p, q in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_alexnet_stem_with_its_tail_kept_has_the_recomputed_gradients(always_chunk):
+    """segment_tail="keep" against "recompute" on AlexNet-5 with dropout: the same seed, hence
+    the same masks, so the same output and float64 gradients; the kept tail adds only uint8."""
+    from lance_cl.models import AlexNet5
+
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    results = {}
+    for tail in ("recompute", "keep"):
+        torch.manual_seed(8)
+        model = AlexNet5(n_tasks=1, n_classes=3).double()
+        report = lance_cl.compact_activations(model, recompute=["stem"], segment_tail=tail)
+        assert ("masks and offsets" in str(report)) == (tail == "keep")
+        torch.manual_seed(9)
+        saved = []
+        with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = model(x, 0)
+        out.square().sum().backward()
+        results[tail] = (out.detach(), [p.grad.clone() for p in model.parameters()],
+                         sorted((str(t.dtype), t.numel()) for t in saved))
+    torch.testing.assert_close(results["keep"][0], results["recompute"][0], rtol=1e-12, atol=1e-12)
+    for p, q in zip(results["keep"][1], results["recompute"][1]):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    extra = list(results["keep"][2])
+    for item in results["recompute"][2]:
+        extra.remove(item)
+    assert extra and {dtype for dtype, _ in extra} == {"torch.uint8"}
+    with pytest.raises(ValueError, match="segment_tail='both'"):
+        lance_cl.compact_activations(AlexNet5(1, 3), recompute=["stem"], segment_tail="both")
 
 
 def test_a_recomputed_sequential_submodule_is_chunked_and_exact(always_chunk):

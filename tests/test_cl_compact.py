@@ -40,6 +40,14 @@ def test_build_strategy_compacts_as_named(name, compacted):
     assert _compacted(strategy.model) is compacted
     if compacted:
         assert strategy.model.recomputed_segments == {"stem"}
+        assert strategy.model.segment_tail == "keep"          # the recipes' default
+
+
+def test_a_benchmark_default_sets_what_the_recomputed_stem_keeps():
+    from lance_cl.strategies import build_strategy
+
+    model = build_strategy("lance", _model(), {"lr": 0.1, "compact_segment_tail": "recompute"}).model
+    assert model.segment_tail == "recompute"
 
 
 def test_compacted_recipe_model_has_the_plain_gradients():

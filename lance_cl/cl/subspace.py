@@ -91,9 +91,11 @@ def collect_fan_in_grams(model: nn.Module, names: Sequence[str], batches: Iterab
                          rows: Optional[dict[str, int]] = None) -> dict[str, Tensor]:
     """Sum of fan-in Gram matrices (d, d), float64, of each named layer's input over ``batches``
     (the GPM representation matrix R R^T), using at most ``max_samples`` samples. Eval mode.
-    Products and sums are float64. (Float32 products for the convs' patch Grams made the basis
-    growth 2 s faster over a 5-task CIFAR-10 run, but moved LANCE-CL's split_digits seed 1 from
-    BWT -1.38 to -10.01: the bases' last digits matter there; docs/memory.md.)
+    Products and sums are float64, as GPM's reference SVD of the representation matrix. (Float32
+    products for the convs' patch Grams would make the basis growth of a 5-task CIFAR-10 run 2 s
+    faster; they are not used, to keep the baselines' bases as published. A split_digits run's
+    outcome moves with any rounding change: with these float64 Grams, 2 torch threads instead of
+    1 move LANCE-CL's seed 1 from BWT -7.96 to -0.35; docs/memory.md.)
     ``rows``: filled with the number of fan-in vectors summed per layer (a bound on the Gram's
     rank: samples for a Linear, samples x positions for a conv)."""
     grams: dict[str, Tensor] = {}

@@ -111,7 +111,8 @@ class MultiHeadModule(nn.Module):
         if name in getattr(self, "recomputed_segments", ()):
             from ..core.compact import recompute_segment
 
-            return recompute_segment(fn, x, self, modules=self.segment_modules(name))
+            return recompute_segment(fn, x, self, modules=self.segment_modules(name),
+                                     tail=getattr(self, "segment_tail", "recompute"))
         return fn(x)
 
     def features(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract

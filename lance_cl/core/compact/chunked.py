@@ -29,6 +29,12 @@ rows of dW and db depend on that channel of dL/dz only, so with per-channel cons
 m1 = mean(g_hat), m2 = mean(g_hat * x_hat), and the three gradients dW(dL/du), dW(1), dW(x_hat)
 (each through the conv's own backward) are summed over the chunks before the means are known.
 
+With ``keep_tail`` the forward keeps each chunk's tail graph instead of recomputing it: when
+every tail op saves compactly (ReLU-family 1-bit masks, dropout's bit-packed mask, max-pool's
+uint8 offsets), that costs those bytes per step and spares the backward the tail's forward
+(about 9 % of an AlexNet-5 training step on a CPU; docs/memory.md); the conv and the
+normalisation are recomputed as before.
+
 Like reentrant checkpointing, the backward calls ``torch.autograd.backward`` on the recomputed
 graph, so every leaf the block's modules use (hooks and parametrizations included) receives its
 gradient.
@@ -43,8 +49,10 @@ import torch
 import torch.nn.utils.parametrize  # noqa: F401  (torch.nn.utils.parametrize.is_parametrized)
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from .dropout import apply_keep_mask, draw_seed, keep_mask
+from .activation import masked_activation
+from .dropout import apply_keep_mask, draw_seed, keep_mask, masked_dropout
 from .pooling import compact_max_pool2d
 
 # modules that act on each sample separately, so a chunk of the batch sees what it would whole
@@ -53,14 +61,36 @@ PER_SAMPLE_TYPES: tuple[type, ...] = (
     nn.MaxPool2d, nn.AvgPool2d, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish)
 
 
+def _activation_args(module: nn.Module) -> Optional[tuple[str, float, float]]:
+    """(kind, a, b) of :func:`masked_activation` for a ReLU-family module, else None."""
+    if isinstance(module, nn.ReLU):
+        return ("hardtanh", 0.0, float("inf"))
+    if isinstance(module, nn.Hardtanh):          # ReLU6 included
+        return ("hardtanh", float(module.min_val), float(module.max_val))
+    if isinstance(module, nn.LeakyReLU) and module.negative_slope >= 0:
+        return ("leaky_relu", float(module.negative_slope), 0.0)
+    return None
+
+
+def _saves_compactly(module: nn.Module) -> bool:
+    """True when the tail op, run by :meth:`ChunkedBlock.tail_forward` with ``keep``, saves no
+    full-size float tensor (1-bit masks, uint8 offsets, or nothing)."""
+    if isinstance(module, nn.MaxPool2d):
+        return not module.return_indices
+    return isinstance(module, (nn.Dropout, nn.Dropout2d, nn.Identity)) \
+        or _activation_args(module) is not None
+
+
 @dataclass(frozen=True)
 class ChunkedBlock:
-    """``tail(norm(conv(x)))``, recomputed in backward ``chunks`` parts at a time."""
+    """``tail(norm(conv(x)))``, recomputed in backward ``chunks`` parts at a time (``keep_tail``:
+    the tail's compact graph kept from the forward instead, :meth:`keeps_tail`)."""
 
     conv: nn.Module
     norm: nn.modules.batchnorm._BatchNorm
     tail: tuple[nn.Module, ...]
     chunks: int = 4
+    keep_tail: bool = False
 
     @classmethod
     def from_modules(cls, modules: Sequence[nn.Module], chunks: int = 4) -> Optional["ChunkedBlock"]:
@@ -75,21 +105,31 @@ class ChunkedBlock:
             return None
         return cls(conv, norm, tuple(tail), int(chunks))
 
+    def keeps_tail(self) -> bool:
+        """True: the forward keeps the tail's graph (``keep_tail`` asked for it, and every tail op
+        saves compactly; otherwise keeping would hold full-size maps of every chunk)."""
+        return (self.keep_tail and all(_saves_compactly(m) for m in self.tail)
+                and any(not isinstance(m, nn.Identity) for m in self.tail))
+
     def statistics(self) -> bool:
         """True: the norm normalises with the batch's statistics (training, or no running ones)."""
         n = self.norm
         return n.training or n.running_mean is None
 
-    def tail_forward(self, u: Tensor, seed: int) -> Tensor:
+    def tail_forward(self, u: Tensor, seed: int, keep: bool = False) -> Tensor:
         """The per-sample ops on u, with their plain forward (what they save lives for one chunk
         only; max-pooling saves in-window offsets, :mod:`.pooling`); the j-th op's dropout mask
-        is drawn from ``seed + j`` (:func:`_dropout`), the same with or without grad."""
+        is drawn from ``seed + j`` (:func:`_dropout`), the same with or without grad. ``keep``:
+        activations and dropout save 1-bit masks (the graph outlives the chunk)."""
         for j, module in enumerate(self.tail):
+            activation = _activation_args(module) if keep else None
             if isinstance(module, (nn.Dropout, nn.Dropout2d)):
-                u = _dropout(u, module, seed + j)
+                u = _dropout(u, module, seed + j, keep)
             elif isinstance(module, nn.MaxPool2d) and not module.return_indices:
                 u = compact_max_pool2d(u, module.kernel_size, module.stride, module.padding,
                                        module.dilation, module.ceil_mode)
+            elif activation is not None:
+                u = masked_activation(u, *activation)
             else:
                 u = getattr(module, "plain_type", type(module)).forward(module, u)
         return u
@@ -107,17 +147,18 @@ class ChunkedBlock:
         return [p for _, p in named]
 
 
-def _dropout(u: Tensor, module: nn.Module, seed: int) -> Tensor:
+def _dropout(u: Tensor, module: nn.Module, seed: int, keep: bool = False) -> Tensor:
     """Training-mode dropout (element-wise, or per channel for Dropout2d) with the keep-mask
     :func:`~lance_cl.core.compact.dropout.keep_mask` draws from ``seed``: the distribution of
-    ``F.dropout``, several times faster on a CPU."""
+    ``F.dropout``, several times faster on a CPU. ``keep``: the mask is saved bit-packed."""
     p = float(module.p)
     if not module.training or p == 0.0:
         return u
     if p == 1.0:
         return u * 0.0
     shape = u.shape if isinstance(module, nn.Dropout) else u.shape[:2] + (1,) * (u.dim() - 2)
-    return apply_keep_mask(u, keep_mask(shape, p, seed, u.device), p)
+    mask = keep_mask(shape, p, seed, u.device)
+    return masked_dropout(u, mask, p) if keep else apply_keep_mask(u, mask, p)
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -201,19 +242,26 @@ class _ChunkedBlockFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var + norm.eps)
         seed = draw_seed()
         out = None
+        kept: list[tuple[GradientEdge, GradientEdge]] = []
         for i, zc in enumerate(z_parts):
-            oc = _tail(block, _normalise(zc, mean, invstd), chunk_seed(seed, i), grad=False)[1]
+            x_hat = _normalise(zc, mean, invstd)
+            if block.keeps_tail():
+                oc, edges = _kept_tail(block, x_hat, chunk_seed(seed, i))
+                kept.append(edges)
+            else:
+                oc = _tail(block, x_hat, chunk_seed(seed, i), grad=False)[1]
             if out is None:
                 out = oc.new_empty((x.shape[0],) + oc.shape[1:])
                 out_parts = out.tensor_split(block.chunks)
             out_parts[i].copy_(oc)
-        return out, mean, invstd, torch.tensor([seed], dtype=torch.int64)
+        return out, mean, invstd, torch.tensor([seed], dtype=torch.int64), kept
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, block = inputs[0], inputs[1]
-        _, mean, invstd, seed = output
+        _, mean, invstd, seed, kept = output
         ctx.block = block
+        ctx.kept = kept     # per chunk: gradient edges of the kept tail graph (empty: recompute)
         ctx.mark_non_differentiable(mean, invstd, seed)
         ctx.save_for_backward(x, mean, invstd, seed)
 
@@ -226,31 +274,33 @@ class _ChunkedBlockFunction(torch.autograd.Function):
         parts = x.tensor_split(block.chunks)
         grads = grad_out.tensor_split(block.chunks)
         seeds = [chunk_seed(int(seed[0]), i) for i in range(len(parts))]
+        kept, ctx.kept = ctx.kept or [None] * len(parts), None
         want_x = ctx.needs_input_grad[0]
         grad_x = torch.empty_like(x) if want_x else None
         grad_x_parts = grad_x.tensor_split(block.chunks) if want_x else [None] * len(parts)
         sum_du, sum_du_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
         separable = None if want_x else block.separable_conv_params()
         if block.statistics() and separable is not None:
-            sum_du, sum_du_xhat = _one_pass(block, parts, grads, seeds, mean, invstd, separable)
+            sum_du, sum_du_xhat = _one_pass(block, parts, grads, seeds, kept, mean, invstd,
+                                            separable)
         elif block.statistics():
             # pass 1: sum(dL/du) and sum(dL/du * x_hat) per channel, which give the two
             # means of g_hat = dL/du * gamma that couple the chunks
-            for p, g, s in zip(parts, grads, seeds):
+            for p, g, s, k in zip(parts, grads, seeds, kept):
                 with torch.no_grad():
                     x_hat = _normalise(block.conv(p), mean, invstd)
-                du = _tail_grad(block, x_hat, g, s)
+                du = _tail_grad(block, x_hat, g, s, k, retain=True)   # pass 2 needs it again
                 du_c, du_xhat_c = _channel_sums(du, x_hat)
                 sum_du += du_c
                 sum_du_xhat += du_xhat_c
             positions = x.shape[0] * x_hat.shape[2] * x_hat.shape[3]
             means = _batch_means(norm, mean, sum_du, sum_du_xhat, positions)
-            for p, g, s, gx in zip(parts, grads, seeds, grad_x_parts):
-                _chunk_backward(block, p, g, s, mean, invstd, means, gx)
+            for p, g, s, k, gx in zip(parts, grads, seeds, kept, grad_x_parts):
+                _chunk_backward(block, p, g, s, k, mean, invstd, means, gx)
         else:
             # running statistics: dL/dz = g_hat * invstd needs no batch-wide term, one pass
-            for p, g, s, gx in zip(parts, grads, seeds, grad_x_parts):
-                du_c, du_xhat_c = _chunk_backward(block, p, g, s, mean, invstd, None, gx)
+            for p, g, s, k, gx in zip(parts, grads, seeds, kept, grad_x_parts):
+                du_c, du_xhat_c = _chunk_backward(block, p, g, s, k, mean, invstd, None, gx)
                 sum_du += du_c
                 sum_du_xhat += du_xhat_c
         _accumulate(norm.weight, sum_du_xhat)
@@ -263,14 +313,30 @@ def _normalise(zc: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     return (zc - _channel(mean)).mul_(_channel(invstd))
 
 
+def _affine(block: ChunkedBlock, x_hat: Tensor) -> Tensor:
+    """u = gamma * x_hat + beta, the norm's output for one chunk, as a new tensor."""
+    norm = block.norm
+    if norm.weight is not None:
+        return torch.addcmul(_channel(norm.bias.detach()), x_hat, _channel(norm.weight.detach()))
+    return x_hat.clone()
+
+
+def _kept_tail(block: ChunkedBlock, x_hat: Tensor, seed: int
+               ) -> tuple[Tensor, tuple[GradientEdge, GradientEdge]]:
+    """tail(u) for one chunk with its graph kept: (the output, detached; the gradient edges of u
+    and of the output). The graph is rooted at u + a scalar leaf, so it holds no reference to u
+    or to the output, only what the tail ops save (:meth:`ChunkedBlock.keeps_tail`)."""
+    anchor = torch.zeros((), dtype=x_hat.dtype, device=x_hat.device, requires_grad=True)
+    with torch.enable_grad():
+        u = _affine(block, x_hat) + anchor
+        out = block.tail_forward(u, seed, keep=True)
+    return out.detach(), (get_gradient_edge(u), get_gradient_edge(out))
+
+
 def _tail(block: ChunkedBlock, x_hat: Tensor, seed: int, grad: bool) -> tuple[Tensor, Tensor]:
     """(u, tail(u)) for one chunk, u = the norm's output (a grad-requiring leaf when ``grad``);
     ``seed``: the chunk's (:func:`chunk_seed`)."""
-    norm = block.norm
-    if norm.weight is not None:
-        u = torch.addcmul(_channel(norm.bias.detach()), x_hat, _channel(norm.weight.detach()))
-    else:
-        u = x_hat.clone()
+    u = _affine(block, x_hat)
     with torch.set_grad_enabled(grad):
         u.requires_grad_(grad)
         return u, block.tail_forward(u.clone() if grad else u, seed)
@@ -281,19 +347,27 @@ def _channel_sums(du: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
     return du.sum(dim=(0, 2, 3)), (du * x_hat).sum(dim=(0, 2, 3))
 
 
-def _tail_grad(block: ChunkedBlock, x_hat: Tensor, grad_out: Tensor, seed: int) -> Tensor:
-    """dL/du for one chunk, u the norm's output."""
+def _tail_grad(block: ChunkedBlock, x_hat: Tensor, grad_out: Tensor, seed: int,
+               kept: Optional[tuple[GradientEdge, GradientEdge]] = None,
+               retain: bool = False) -> Tensor:
+    """dL/du for one chunk, u the norm's output: through the tail graph the forward kept
+    (``kept``, its edges; ``retain``: it is used again), else through a recomputed tail."""
+    if kept is not None:
+        (du,) = torch.autograd.grad([kept[1]], [kept[0]], [grad_out], retain_graph=retain)
+        return du
     u, out = _tail(block, x_hat, seed, grad=True)
     (du,) = torch.autograd.grad(out, u, grad_out)
     return du
 
 
-def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, seed: int, mean: Tensor,
+def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, seed: int,
+                    kept: Optional[tuple[GradientEdge, GradientEdge]], mean: Tensor,
                     invstd: Tensor,
                     means: Optional[tuple[Tensor, Tensor]], grad_x: Optional[Tensor]
                     ) -> tuple[Tensor, Tensor]:
     """Recompute chunk ``p`` with grad through the conv and send dL/dz back through the conv's
-    own backward; ``g``: the gradient at the tail's output, ``means``: the batch-wide means of
+    own backward; ``g``: the gradient at the tail's output (``kept``: the chunk's kept tail
+    graph, or None), ``means``: the batch-wide means of
     g_hat and g_hat * x_hat (None with running statistics). ``grad_x``: where dL/dp goes (None:
     not wanted). Returns the chunk's sum(dL/du) and sum(dL/du * x_hat) per channel."""
     norm = block.norm
@@ -301,7 +375,7 @@ def _chunk_backward(block: ChunkedBlock, p: Tensor, g: Tensor, seed: int, mean: 
     with torch.enable_grad():
         zc = block.conv(xc)
     x_hat = _normalise(zc.detach(), mean, invstd)
-    du = _tail_grad(block, x_hat, g, seed)
+    du = _tail_grad(block, x_hat, g, seed, kept)
     sums = _channel_sums(du, x_hat)
     grad_z = du * _channel(norm.weight.detach()) if norm.weight is not None else du
     if means is not None:
@@ -328,7 +402,8 @@ def _batch_means(norm: nn.modules.batchnorm._BatchNorm, mean: Tensor, sum_du: Te
 
 
 def _one_pass(block: ChunkedBlock, parts: Sequence[Tensor], grads: Sequence[Tensor],
-              seeds: Sequence[int], mean: Tensor, invstd: Tensor,
+              seeds: Sequence[int], kept: Sequence[Optional[tuple[GradientEdge, GradientEdge]]],
+              mean: Tensor, invstd: Tensor,
               params: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Batch statistics, gradients wanted for ``params`` (the conv's separable weight / bias,
     possibly none) and no input gradient: one recomputation per chunk (module doc). Returns
@@ -337,11 +412,11 @@ def _one_pass(block: ChunkedBlock, parts: Sequence[Tensor], grads: Sequence[Tens
     sum_du, sum_du_xhat = torch.zeros_like(mean), torch.zeros_like(mean)
     terms = [[torch.zeros_like(p) for p in params] for _ in range(3)]   # dW(du), dW(1), dW(x_hat)
     positions = 0
-    for p, g, s in zip(parts, grads, seeds):
+    for p, g, s, k in zip(parts, grads, seeds, kept):
         with torch.enable_grad() if params else torch.no_grad():
             zc = block.conv(p.detach())
         x_hat = _normalise(zc.detach(), mean, invstd)
-        du = _tail_grad(block, x_hat, g, s)
+        du = _tail_grad(block, x_hat, g, s, k)
         du_c, du_xhat_c = _channel_sums(du, x_hat)
         sum_du += du_c
         sum_du_xhat += du_xhat_c
@@ -374,7 +449,8 @@ def _accumulate(param: Optional[Tensor], grad: Tensor) -> None:
 
 def chunked_block(x: Tensor, block: ChunkedBlock) -> Tensor:
     """``block.tail(block.norm(block.conv(x)))`` with the block recomputed chunk by chunk in
-    backward. x: (B, C, H, W). Saves x, (C,) statistics and one seed."""
+    backward. x: (B, C, H, W). Saves x, (C,) statistics and one seed (with
+    :meth:`ChunkedBlock.keeps_tail`, also each chunk's tail graph: 1-bit masks, uint8 offsets)."""
     params = [p for m in (block.conv, block.norm, *block.tail) for p in m.parameters()
               if p.requires_grad]
     out, *_ = _ChunkedBlockFunction.apply(x, block, *params)

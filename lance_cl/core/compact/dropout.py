@@ -70,6 +70,36 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2 ** 62, (1,)))
 
 
+class KeepMaskFunction(torch.autograd.Function):
+    """y = x * mask / (1 - p) for a given bool ``mask`` (broadcastable against x), saving the
+    mask bit-packed: dropout with a mask drawn by the caller. x: any shape -> y: same shape."""
+
+    @staticmethod
+    def forward(x: Tensor, mask: Tensor, p: float) -> tuple[Tensor, Tensor]:
+        return apply_keep_mask(x, mask, p), pack_bits(mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, mask, p = inputs
+        _, packed = output
+        ctx.mark_non_differentiable(packed)
+        ctx.save_for_backward(packed)
+        ctx.p, ctx.mask_shape = p, mask.shape
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor, _grad_packed):
+        (packed,) = ctx.saved_tensors
+        return apply_keep_mask(grad_output, unpack_bits(packed, ctx.mask_shape), ctx.p), None, None
+
+
+def masked_dropout(x: Tensor, mask: Tensor, p: float) -> Tensor:
+    """Functional form of :class:`KeepMaskFunction`: x * mask / (1 - p), 1 bit saved per mask
+    entry. x: any shape; mask: bool, broadcastable against x."""
+    y, _ = KeepMaskFunction.apply(x, mask, float(p))
+    return y
+
+
 class CompactDropoutFunction(torch.autograd.Function):
     """y = x * mask / (1 - p). x: any shape. Saves a seed (int64 (1,)) or the packed mask."""
 

@@ -44,21 +44,37 @@ class _KeepAlive(torch.autograd.Function):
 CHUNK_BYTES = 1 << 20
 
 
+TAILS = ("recompute", "keep")
+
+
+def check_tail(tail: str) -> str:
+    """Validate a chunked segment's tail option (:data:`TAILS`)."""
+    if tail not in TAILS:
+        raise ValueError(f"segment_tail={tail!r}: choose 'recompute' (save only the segment's "
+                         f"input) or 'keep' (also its tail's 1-bit masks and pool offsets, a "
+                         f"faster backward)")
+    return tail
+
+
 def recompute_segment(fn: Callable[[Tensor], Tensor], x: Tensor, owner: nn.Module,
-                      modules: Optional[Sequence[nn.Module]] = None, chunks: int = 8) -> Tensor:
+                      modules: Optional[Sequence[nn.Module]] = None, chunks: int = 8,
+                      tail: str = "recompute") -> Tensor:
     """``fn(x)`` whose internal activations are recomputed in backward. ``owner``: a module that
     contains every module ``fn`` calls (its batch norms keep their running statistics).
     ``modules``: what ``fn`` applies, in order, when known; a conv -> BatchNorm2d -> per-sample
     chain whose conv output exceeds two :data:`CHUNK_BYTES` is then recomputed in up to
     ``chunks`` batch chunks of about that size (:mod:`.chunked`), which keeps one chunk's feature
-    maps alive in backward instead of the whole batch's."""
+    maps alive in backward instead of the whole batch's. ``tail="keep"``: such a chain keeps
+    its per-sample ops' compact graph (1-bit masks, uint8 pool offsets) from the forward, so the
+    backward recomputes only the conv and the normalisation (:mod:`.chunked`)."""
     if not torch.is_grad_enabled():
         return fn(x)
     block = ChunkedBlock.from_modules(modules, 2) if modules is not None else None
     if block is not None:
         n = chunk_count(block.conv, x, chunks, CHUNK_BYTES)
         if n >= 2:
-            return chunked_block(x, dataclasses.replace(block, chunks=n))
+            return chunked_block(x, dataclasses.replace(block, chunks=n,
+                                                        keep_tail=check_tail(tail) == "keep"))
     norms = [m for m in owner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
     context = (lambda: (contextlib.nullcontext(), preserved_buffers(norms)))
