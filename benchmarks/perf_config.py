@@ -8,8 +8,8 @@ and the expansion layers of inverted residual blocks recomputed in backward:
 :func:`lance_cl.compact.default_recompute`),
 ``+compact_nostem`` (the same with nothing recomputed), ``+compact_keep`` (the recomputed
 stem keeps its per-sample ops' 1-bit masks and pool offsets: ``segment_tail="keep"``),
-``+compact_bf16`` / ``+compact_int8`` (BatchNorm's normalised input in reduced precision). Each method class says
-which suffixes it is offered with and which run by default (``bench_variants``,
+``+compact_bf16`` / ``+compact_int8`` (BatchNorm's normalised input in reduced precision).
+Each method class says which suffixes it is offered with and which run by default (``bench_variants``,
 ``bench_default_variants``), which config fields become its options (``bench_options``) and how
 many calibration batches it gets (``bench_calibration``).
 """

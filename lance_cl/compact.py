@@ -42,7 +42,8 @@ class CompactReport(list):
         return "\n".join(lines)
 
 
-def _recomputed_forward(module: nn.Module, forward, tail: str, *args, **kwargs) -> Tensor:
+def _recomputed_forward(module: nn.Module, forward, *args, tail: str = "recompute",
+                        **kwargs) -> Tensor:
     if len(args) != 1 or kwargs:
         raise TypeError(f"a recomputed segment takes one tensor input; {type(module).__name__} got "
                         f"{len(args)} positional and {len(kwargs)} keyword arguments")
@@ -68,7 +69,8 @@ def _mark_recompute(model: nn.Module, name: str, tail: str) -> None:
         if _is_recomputed(module):
             del module.forward                   # marked before: take this call's tail option
         if "forward" not in module.__dict__:
-            module.forward = functools.partial(_recomputed_forward, module, module.forward, tail)
+            module.forward = functools.partial(_recomputed_forward, module, module.forward,
+                                               tail=tail)
     else:
         raise ValueError(f"recompute={name!r} is neither a submodule nor a segment of "
                          f"{type(model).__name__} (segments it declares: {list(declared) or 'none'}; "
@@ -188,7 +190,7 @@ def compact_report(model: nn.Module) -> CompactReport:
     for name, module in model.named_modules():
         if _is_recomputed(module):
             rows.append(CompactRow(name, "segment", type(module).__name__,
-                                   _segment_saves(module.forward.args[2])))
+                                   _segment_saves(module.forward.keywords["tail"])))
         if isinstance(module, CompactModule):
             rows.append(CompactRow(name, module.kind, module.plain_type.__name__, module.saves()))
     return rows

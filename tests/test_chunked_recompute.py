@@ -183,15 +183,19 @@ def test_a_tail_that_would_save_floats_is_not_kept():
 
 
 @pytest.mark.parametrize("shape,mask_shape", [((4, 3, 5, 5), (4, 3, 5, 5)), ((4, 3, 5, 5), (4, 3, 1, 1))])
-def test_masked_dropout_scales_by_the_mask_and_saves_it_bit_packed(shape, mask_shape):
-    from lance_cl.core.compact import masked_dropout
+def test_seeded_dropout_scales_by_its_mask_and_saves_it_bit_packed(shape, mask_shape):
+    """compact_dropout with the caller's seed and a broadcast mask shape, as the kept tail
+    draws it: the mask is keep_mask's for that seed."""
+    from lance_cl.core.compact import compact_dropout
 
     torch.manual_seed(3)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    mask = torch.rand(mask_shape) > 0.4
+    mask = keep_mask(mask_shape, 0.4, 1234, x.device)
+    state = torch.get_rng_state()
     saved = []
     with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = masked_dropout(x, mask, 0.4)
+        y = compact_dropout(x, 0.4, "packed", seed=1234, mask_shape=mask_shape)
+    assert torch.equal(torch.get_rng_state(), state)       # a given seed draws nothing global
     expected = x.detach() * mask / 0.6
     torch.testing.assert_close(y, expected, rtol=1e-15, atol=0)
     assert [t.dtype for t in saved] == [torch.uint8]

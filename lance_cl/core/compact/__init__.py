@@ -20,13 +20,13 @@ from .batchnorm import STORAGES as BATCH_NORM_STORAGES
 from .batchnorm import CompactBatchNormFunction, compact_batch_norm
 from .bitpack import as_factor, pack_bits, packed_nbytes, unpack_bits
 from .dropout import MODES as DROPOUT_MODES
-from .dropout import CompactDropoutFunction, KeepMaskFunction, compact_dropout, keep_mask, masked_dropout
+from .dropout import CompactDropoutFunction, compact_dropout, keep_mask
 from .pooling import CompactMaxPool2dFunction, compact_max_pool2d, fast_max_pool2d
 from .recompute import TAILS as SEGMENT_TAILS
 from .recompute import recompute_segment
 
 __all__ = ["MaskedActivationFunction", "masked_activation", "CompactBatchNormFunction",
            "compact_batch_norm", "BATCH_NORM_STORAGES", "CompactDropoutFunction", "compact_dropout",
-           "keep_mask", "KeepMaskFunction", "masked_dropout", "DROPOUT_MODES", "CompactMaxPool2dFunction", "compact_max_pool2d",
+           "keep_mask", "DROPOUT_MODES", "CompactMaxPool2dFunction", "compact_max_pool2d",
            "fast_max_pool2d", "as_factor", "pack_bits", "unpack_bits", "packed_nbytes",
            "recompute_segment", "SEGMENT_TAILS"]

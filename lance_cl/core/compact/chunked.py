@@ -52,7 +52,7 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .activation import masked_activation
-from .dropout import apply_keep_mask, draw_seed, keep_mask, masked_dropout
+from .dropout import apply_keep_mask, compact_dropout, draw_seed, keep_mask
 from .pooling import compact_max_pool2d
 
 # modules that act on each sample separately, so a chunk of the batch sees what it would whole
@@ -157,8 +157,9 @@ def _dropout(u: Tensor, module: nn.Module, seed: int, keep: bool = False) -> Ten
     if p == 1.0:
         return u * 0.0
     shape = u.shape if isinstance(module, nn.Dropout) else u.shape[:2] + (1,) * (u.dim() - 2)
-    mask = keep_mask(shape, p, seed, u.device)
-    return masked_dropout(u, mask, p) if keep else apply_keep_mask(u, mask, p)
+    if keep:
+        return compact_dropout(u, p, "packed", seed=seed, mask_shape=shape)
+    return apply_keep_mask(u, keep_mask(shape, p, seed, u.device), p)
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -242,10 +243,11 @@ class _ChunkedBlockFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var + norm.eps)
         seed = draw_seed()
         out = None
+        keep = block.keeps_tail()
         kept: list[tuple[GradientEdge, GradientEdge]] = []
         for i, zc in enumerate(z_parts):
             x_hat = _normalise(zc, mean, invstd)
-            if block.keeps_tail():
+            if keep:
                 oc, edges = _kept_tail(block, x_hat, chunk_seed(seed, i))
                 kept.append(edges)
             else:

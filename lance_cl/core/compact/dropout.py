@@ -13,7 +13,7 @@ outputs agree with plain dropout in distribution, and gradients are exact for th
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -70,56 +70,31 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2 ** 62, (1,)))
 
 
-class KeepMaskFunction(torch.autograd.Function):
-    """y = x * mask / (1 - p) for a given bool ``mask`` (broadcastable against x), saving the
-    mask bit-packed: dropout with a mask drawn by the caller. x: any shape -> y: same shape."""
-
-    @staticmethod
-    def forward(x: Tensor, mask: Tensor, p: float) -> tuple[Tensor, Tensor]:
-        return apply_keep_mask(x, mask, p), pack_bits(mask)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        _, mask, p = inputs
-        _, packed = output
-        ctx.mark_non_differentiable(packed)
-        ctx.save_for_backward(packed)
-        ctx.p, ctx.mask_shape = p, mask.shape
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: Tensor, _grad_packed):
-        (packed,) = ctx.saved_tensors
-        return apply_keep_mask(grad_output, unpack_bits(packed, ctx.mask_shape), ctx.p), None, None
-
-
-def masked_dropout(x: Tensor, mask: Tensor, p: float) -> Tensor:
-    """Functional form of :class:`KeepMaskFunction`: x * mask / (1 - p), 1 bit saved per mask
-    entry. x: any shape; mask: bool, broadcastable against x."""
-    y, _ = KeepMaskFunction.apply(x, mask, float(p))
-    return y
-
-
 class CompactDropoutFunction(torch.autograd.Function):
-    """y = x * mask / (1 - p). x: any shape. Saves a seed (int64 (1,)) or the packed mask."""
+    """y = x * mask / (1 - p). x: any shape. Saves a seed (int64 (1,)) or the packed mask.
+
+    Inputs: x, p, mode, inplace, seed (None: one drawn by :func:`draw_seed`), mask_shape (None:
+    x's; a shape broadcastable against x, e.g. (B, C, 1, 1) for per-channel dropout)."""
 
     @staticmethod
-    def forward(x: Tensor, p: float, mode: str, inplace: bool) -> tuple[Tensor, Tensor]:
-        seed = draw_seed()
-        mask = keep_mask(x.shape, p, seed, x.device)
+    def forward(x: Tensor, p: float, mode: str, inplace: bool, seed: Optional[int],
+                mask_shape: Optional[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        seed = draw_seed() if seed is None else int(seed)
+        mask = keep_mask(x.shape if mask_shape is None else mask_shape, p, seed, x.device)
         y = apply_keep_mask(x, mask, p, inplace)
         saved = torch.tensor([seed], dtype=torch.int64) if mode == "regenerate" else pack_bits(mask)
         return y, saved
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, p, mode, inplace = inputs
+        x, p, mode, inplace, _, mask_shape = inputs
         _, saved = output
         if inplace:
             ctx.mark_dirty(x)
         ctx.mark_non_differentiable(saved)
         ctx.save_for_backward(saved)
-        ctx.p, ctx.mode, ctx.shape, ctx.device = p, mode, x.shape, x.device
+        ctx.p, ctx.mode, ctx.device = p, mode, x.device
+        ctx.shape = x.shape if mask_shape is None else tuple(mask_shape)
 
     @staticmethod
     @once_differentiable
@@ -129,14 +104,18 @@ class CompactDropoutFunction(torch.autograd.Function):
             mask = keep_mask(ctx.shape, ctx.p, int(saved[0]), ctx.device)
         else:
             mask = unpack_bits(saved, ctx.shape)
-        return apply_keep_mask(grad_output, mask, ctx.p), None, None, None
+        return apply_keep_mask(grad_output, mask, ctx.p), None, None, None, None, None
 
 
-def compact_dropout(x: Tensor, p: float, mode: str = "packed", inplace: bool = False) -> Tensor:
-    """Training-mode dropout saving a seed or a 1-bit mask. p in [0, 1)."""
+def compact_dropout(x: Tensor, p: float, mode: str = "packed", inplace: bool = False,
+                    seed: Optional[int] = None, mask_shape: Optional[Sequence[int]] = None) -> Tensor:
+    """Training-mode dropout saving a seed or a 1-bit mask. p in [0, 1). ``seed``: the mask's
+    (:func:`keep_mask`; None: drawn from the global generator); ``mask_shape``: broadcastable
+    against x (None: x's shape)."""
     if mode not in MODES:
         raise ValueError(f"dropout mode {mode!r}: choose one of {MODES}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability p={p} must be in [0, 1) for a compact dropout")
-    y, _ = CompactDropoutFunction.apply(x, float(p), mode, bool(inplace))
+    mask_shape = None if mask_shape is None else tuple(int(n) for n in mask_shape)
+    y, _ = CompactDropoutFunction.apply(x, float(p), mode, bool(inplace), seed, mask_shape)
     return y
