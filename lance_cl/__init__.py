@@ -10,28 +10,34 @@ Core API::
 
 Continual learning: ``lance_cl.LanceCLPlugin`` (and the ``GPMPlugin`` / ``SGPPlugin`` baselines)
 plug into any Avalanche strategy.
+
+The names are loaded on first use (PEP 562), so that importing a submodule that needs no torch
+(the command line's parser, a sweep's driver: docs/sweeps.md) does not import torch.
 """
-from .accounting import format_bytes, layer_flops, measure_activation_memory
-from .calibration import Calibration
-from .compact import CompactReport, compact_activations, compact_report, uncompact_activations
-from .compressors import (METHODS, CalibrationError, CalibrationStatistics, Compressor,
-                          register_method)
-from .layers import LayerMode
-from .train_modes import preserved_train_modes
-from .core.budget import BudgetTooSmallError
-from .wrap import CompressionReport, calibrate, compress, report, select_layers, uncompress
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-_CL_PLUGINS = ("LanceCLPlugin", "GPMPlugin", "SGPPlugin")
-
-
-def __getattr__(name: str):
-    # The continual-learning plugins import Avalanche (slow, heavy): load them on first use.
-    if name in _CL_PLUGINS:
-        from .cl import plugins
-        return getattr(plugins, name)
-    raise AttributeError(f"module 'lance_cl' has no attribute {name!r}")
+# public name -> the submodule that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("layer_flops", "measure_activation_memory"), ".accounting"),
+    "format_bytes": ".units",
+    "Calibration": ".calibration",
+    **dict.fromkeys(("CompactReport", "compact_activations", "compact_report",
+                     "uncompact_activations"), ".compact"),
+    **dict.fromkeys(("METHODS", "CalibrationError", "CalibrationStatistics", "Compressor",
+                     "register_method"), ".compressors"),
+    "LayerMode": ".layers",
+    "preserved_train_modes": ".train_modes",
+    "BudgetTooSmallError": ".core.budget",
+    **dict.fromkeys(("CompressionReport", "calibrate", "compress", "report", "select_layers",
+                     "uncompress"), ".wrap"),
+    # the continual-learning plugins import Avalanche (slow, heavy)
+    **dict.fromkeys(("LanceCLPlugin", "GPMPlugin", "SGPPlugin"), ".cl.plugins"),
+}
 
 __all__ = ["compress", "uncompress", "compact_activations", "uncompact_activations",
            "compact_report", "CompactReport", "calibrate", "report", "select_layers",
@@ -40,3 +46,16 @@ __all__ = ["compress", "uncompress", "compact_activations", "uncompact_activatio
            "preserved_train_modes",
            "BudgetTooSmallError", "Compressor", "METHODS", "register_method", "__version__",
            "LanceCLPlugin", "GPMPlugin", "SGPPlugin"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lance_cl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value   # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

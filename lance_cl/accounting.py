@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import CompressedLayer, compressed_type_for
+from .units import format_bytes
 
 
 def measure_activation_memory(model: nn.Module, inputs: Any, loss_fn: Callable[[Any], Tensor],
@@ -250,13 +251,3 @@ def layer_flops(layer: nn.Module, input_shape: Optional[Sequence[int]] = None) -
     out["vanilla_total"] = 2 * 3 * dense
     return out
 
-
-def format_bytes(n: Optional[float], missing: str = "-") -> str:
-    """Bytes in binary units with two decimals: 1536 -> '1.50 KiB', 3 * 2**20 -> '3.00 MiB',
-    500 -> '500 B'; None -> ``missing``."""
-    if n is None:
-        return missing
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"

@@ -16,15 +16,19 @@ def _bench(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> in
     return perf.main(args, argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("bench", "run", "report", "finetune")
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``lance-cl`` parser. ``command`` (one of :data:`COMMANDS`): the one sub-command the
+    arguments name; the others then get no options, which spares ``run`` and ``report`` the bench's
+    imports (torch and the method registry: a sweep's driver does not import torch)."""
     parser = argparse.ArgumentParser(
         prog="lance-cl",
         description="Memory-frugal training with compressed activations, and continual learning on "
                     "top of Avalanche.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    from lance_cl.benchmarks import perf
 
     bench = sub.add_parser(
         "bench", help="activation memory, step time and gradient fidelity: every method vs vanilla",
@@ -35,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 when every method was measured; 1 when the data is missing or a "
                "method failed (its table row says why; the others are still measured). "
                "See docs/performance.md for the protocol and the reference figures.")
-    perf.add_arguments(bench)
+    if command in (None, "bench"):
+        from lance_cl.benchmarks import perf
+
+        perf.add_arguments(bench)
     bench.set_defaults(handler=_bench)
 
     from lance_cl.cl.commands import add_report_parser, add_run_parser
@@ -52,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lance-cl`` console script. Returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(args_list)
     # Avalanche imports qpsolvers, which warns that no QP solver is installed; only GEM needs
     # one, and no lance-cl command uses GEM

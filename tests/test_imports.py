@@ -23,6 +23,47 @@ def _avalanche_modules_after(code: str) -> list[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _loaded_after(code: str, *packages: str) -> dict[str, bool]:
+    """Run ``code`` in a fresh interpreter; for each of ``packages``, whether it was imported."""
+    probe = code + f"\nimport json, sys\nprint(json.dumps({{p: p in sys.modules for p in {list(packages)!r}}}))\n"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_run_and_report_commands_driver_modules_load_no_torch() -> None:
+    # what a sweep's driver imports: the package, the parser of ``run`` / ``report``, the report
+    # and the run files (a JSON round trip included); torch is for the runs, on the workers
+    code = ("import lance_cl, lance_cl.cli, lance_cl.cl.report, lance_cl.cl.sweep, lance_cl.units\n"
+            "from lance_cl.cl.run_files import json_safe, read_result, write_json_atomic\n"
+            "for command in ('run', 'report'):\n"
+            "    lance_cl.cli.build_parser(command).parse_args([command] + (['x'] if command == 'report' else []))\n"
+            "import pathlib, tempfile\n"
+            "path = pathlib.Path(tempfile.mkdtemp()) / 'r.json'\n"
+            "write_json_atomic(path, {'a': [1.5, float('nan')], 'v': lance_cl.__version__})\n"
+            "assert json_safe(read_result(path)) == {'a': [1.5, None], 'v': '0.1.0'}\n"
+            "assert lance_cl.format_bytes(1536) == '1.50 KiB'")
+    assert _loaded_after(code, "torch", "avalanche") == {"torch": False, "avalanche": False}
+    # the package's names load their modules on first use
+    assert _loaded_after("import lance_cl\nlance_cl.compress", "torch", "avalanche") == {
+        "torch": True, "avalanche": False}
+
+
+def test_the_package_lists_and_loads_every_public_name() -> None:
+    import lance_cl
+
+    for name in lance_cl.__all__:
+        assert name in dir(lance_cl)
+        assert getattr(lance_cl, name) is not None
+    assert lance_cl.compress is __import__("lance_cl.wrap", fromlist=["compress"]).compress
+    try:
+        lance_cl.no_such_name
+    except AttributeError as exc:
+        assert "no attribute 'no_such_name'" in str(exc)
+    else:
+        raise AssertionError("lance_cl.no_such_name did not raise")
+
+
 def test_bench_help_loads_no_avalanche() -> None:
     code = ("import contextlib, io\nfrom lance_cl.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"

@@ -17,7 +17,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-__all__ = ["add_report_parser", "add_run_parser", "cmd_report", "cmd_run", "parse_seeds"]
+__all__ = ["add_report_parser", "add_run_parser", "check_sweep", "cmd_report", "cmd_run", "parse_seeds",
+           "unknown_benchmarks"]
 
 DEFAULT_STRATEGIES = "lance,gpm,sgp,naive"
 
@@ -170,18 +171,19 @@ def _failure(benchmark: str, strategy: str, seed: int, error: str, several: bool
 def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
     """Handler of ``run``: runs, then prints the aggregated table. 1 if any run failed, 2 for bad
     arguments (every benchmark and strategy is checked before anything trains)."""
-    from lance_cl.benchmarks import available_benchmarks
-
     benchmarks = _names(args.benchmark)
-    unknown = [b for b in benchmarks if b not in available_benchmarks()]
-    if unknown or not benchmarks:
-        print(f"lance-cl run: unknown benchmark {', '.join(map(repr, unknown)) or repr(args.benchmark)}; "
-              f"available: {', '.join(available_benchmarks())}", file=sys.stderr)
+    if not benchmarks:
+        print(f"lance-cl run: no benchmark in --benchmark {args.benchmark!r}", file=sys.stderr)
         return 2
     jobs = getattr(args, "jobs", None)
     address = getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
     gpus_per_run = float(getattr(args, "gpus_per_run", 0.0) or 0.0)
     parallel = address is not None or (jobs or 1) > 1
+    if not (parallel and address is None):   # a local instance's worker checks them (below)
+        error = unknown_benchmarks(benchmarks)
+        if error is not None:
+            print(f"lance-cl run: {error}", file=sys.stderr)
+            return 2
     if gpus_per_run > 0 and not str(args.device).startswith("cuda"):
         print(f"lance-cl run: --gpus-per-run {gpus_per_run:g} needs --device cuda (Ray gives each "
               "run its GPU through CUDA_VISIBLE_DEVICES)", file=sys.stderr)
@@ -273,14 +275,28 @@ def _checked_run(args: argparse.Namespace, benchmarks: list[str], *, jobs: Optio
     return 0
 
 
+def unknown_benchmarks(benchmarks: Sequence[str]) -> Optional[str]:
+    """The error message for the names in ``benchmarks`` that no benchmark is registered under,
+    or None when there are none."""
+    from lance_cl.benchmarks import available_benchmarks
+
+    unknown = [b for b in benchmarks if b not in available_benchmarks()]
+    if not unknown:
+        return None
+    return f"unknown benchmark {', '.join(map(repr, unknown))}; available: {', '.join(available_benchmarks())}"
+
+
 def check_sweep(benchmarks: Sequence[str], strategies: Sequence[str], *, compact: bool,
                 data_root: Optional[str], quick: bool, check_data: bool = True
                 ) -> tuple[Optional[list[str]], Optional[str]]:
-    """Check a sweep before anything trains: every strategy name, then (``check_data``) the data
-    sets of every benchmark. Returns (the strategy names to run, with ``compact`` applied, None),
+    """Check a sweep before anything trains: every benchmark and strategy name, then
+    (``check_data``) the data sets of every benchmark. Returns (the strategy names to run, with ``compact`` applied, None),
     or (None, the error message)."""
     from lance_cl import strategies as recipes
 
+    error = unknown_benchmarks(benchmarks)
+    if error is not None:
+        return None, error
     try:
         for name in strategies:
             recipes.parse_strategy(name)

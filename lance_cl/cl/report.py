@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..accounting import format_bytes
+from ..units import format_bytes
 
 __all__ = [
     "METRICS",

@@ -19,13 +19,16 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-import torch
+
+# torch is imported where a checkpoint is read or written: a sweep's driver writes run JSONs
+# and tables only, and does not import it (docs/sweeps.md)
 
 __all__ = [
     "RESULT_FORMAT",
@@ -87,18 +90,19 @@ def configs_match(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def json_safe(obj: Any) -> Any:
     """JSON-safe copy: numpy / torch scalars and tensors to Python, non-finite floats to None,
-    paths to strings."""
+    paths and str subclasses to plain strings."""
     if isinstance(obj, dict):
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")   # a tensor exists only once torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
         return json_safe(obj.tolist())
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    if isinstance(obj, Path):
+    if isinstance(obj, (Path, str)):   # str subclasses too (torch.__version__ is a TorchVersion)
         return str(obj)
     return obj
 
@@ -157,6 +161,8 @@ def save_checkpoint(path: Path, data: dict[str, Any]) -> None:
     The new file is complete and fsynced before anything is renamed, and ``path`` always names
     a complete checkpoint (the old one is linked, or copied, to ``.prev`` before the new one
     takes its name). A ``.prev`` without a checkpoint beside it is from an earlier run: removed."""
+    import torch
+
     tmp = _write_durably(path, lambda f: torch.save(data, f))
     previous = previous_checkpoint_path(path)
     if path.exists():
@@ -210,6 +216,8 @@ def read_result(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
     data = torch.load(path, map_location="cpu", weights_only=False)
     missing = {"config", "completed_tasks", "model", "results"} - set(data if isinstance(data, dict) else ())
     if missing:

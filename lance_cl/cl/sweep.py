@@ -145,6 +145,7 @@ def _run_task(run: SweepRun, options: dict[str, Any], torch_threads: int, env: d
     """
     import torch
 
+    from .run_files import json_safe
     from .runner import result_path, run_experiment
 
     os.environ.update(env)   # the driver's data settings, also on other nodes
@@ -152,8 +153,9 @@ def _run_task(run: SweepRun, options: dict[str, Any], torch_threads: int, env: d
     if fault is not None:
         _crash_once(run, options, fault)
     try:
-        return {"run": run_experiment(run.benchmark, run.strategy, run.seed, progress=False, **options),
-                "error": None}
+        # as the run JSON holds it: plain Python, which the driver unpickles without torch
+        result = run_experiment(run.benchmark, run.strategy, run.seed, progress=False, **options)
+        return {"run": json_safe(result), "error": None}
     except Exception as exc:
         path = result_path(options["out_dir"], run.benchmark, run.strategy, run.seed)
         try:
