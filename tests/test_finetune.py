@@ -2,6 +2,7 @@
 table / plot, clear errors for missing weights or data, failed methods as rows."""
 from __future__ import annotations
 
+import argparse
 import statistics
 
 import pytest
@@ -114,7 +115,7 @@ def test_frozen_part_gets_no_gradient_and_saves_nothing(base):
 # gradient_filter is no rank method: at R=1 it is exact only for 1x1 convs (a k x k kernel sees
 # block means at every offset), so its set is the 1x1 convs and the head.
 @pytest.mark.parametrize("method,options", [
-    ("lance", {"rank": 10**6}), ("asi", {"eps": 1.0}), ("asi", {"rank": 10**6}),
+    ("lance", {"rank": 10**6}), ("lance", {"rank": 10**6, "compress_batch": True}), ("asi", {"eps": 1.0}), ("asi", {"rank": 10**6}),
     ("hosvd", {"eps": 1.0}), ("gradient_filter", {"radius": 1})])
 def test_full_rank_methods_match_vanilla_weight_gradients_in_float64(base, method, options):
     double = base.double()
@@ -129,6 +130,8 @@ def test_full_rank_methods_match_vanilla_weight_gradients_in_float64(base, metho
         got = loop._weight_grads(model, names, x, y)
         assert compressed == ([n for n in names if n != "head"] if method == "gradient_filter"
                               else names)
+        if "compress_batch" in options:   # LANCE's published variant: the batch mode compressed too
+            assert all(0 in model.get_submodule(n).compressor.modes for n in compressed)
         for n in names:
             assert float(reference[n].norm()) > 0
             torch.testing.assert_close(got[n], reference[n], rtol=1e-9, atol=1e-12)
@@ -167,6 +170,17 @@ def test_option_parsing():
     assert method_options(cfg, "gradient_filter") == {"radius": 2}
     with pytest.raises(ValueError, match="unknown method"):
         FinetuneConfig(methods=("sgd",))
+    cfg = FinetuneConfig(compress_batch={"lance": True, "hosvd": False})
+    assert method_options(cfg, "lance") == {"eps": 0.7, "compress_batch": True}
+    assert method_options(cfg, "hosvd") == {"eps": 0.8, "compress_batch": False}
+    assert method_options(cfg, "asi") == {"eps": 0.8}          # absent: the method's default
+    with pytest.raises(ValueError, match="compress_batch given for"):
+        FinetuneConfig(compress_batch={"gradient_filter": True})
+    from lance_cl.finetune.command import _batch_modes
+
+    assert _batch_modes("lance=1,asi=0") == {"lance": True, "asi": False}
+    with pytest.raises(argparse.ArgumentTypeError, match="give 1 .compress. or 0"):
+        _batch_modes("lance=0.5")
 
 
 def test_missing_weights_file_and_data_set_are_one_clear_error(tmp_path, capsys):

@@ -31,6 +31,15 @@ def _layers(text: str) -> tuple[Any, ...]:
     return specs
 
 
+def _batch_modes(text: str) -> dict[str, bool]:
+    values = _per_method(EPS_METHODS, "compress-batch")(text)
+    wrong = {m: v for m, v in values.items() if v not in (0, 1)}
+    if wrong:
+        raise argparse.ArgumentTypeError(f"--compress-batch {text!r}: give 1 (compress) or 0 (keep) "
+                                         f"per method, not {wrong}")
+    return {m: bool(v) for m, v in values.items()}
+
+
 def _per_method(allowed: tuple[str, ...], what: str):
     def parse(text: str) -> dict[str, float]:
         try:
@@ -84,6 +93,11 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "'lance=0.7,asi=0.8,hosvd=0.8' (default: that)")
     p.add_argument("--budget", type=_per_method(BUDGET_METHODS, "budget"), default=None,
                    help="byte budget over the fine-tuned layers instead of eps, e.g. 'asi=250000'")
+    p.add_argument("--compress-batch", type=_batch_modes, default=None, metavar="METHOD=0|1,...",
+                   help="compress the batch mode too (1) or not (0), per method of "
+                        f"{', '.join(EPS_METHODS)}; 'lance=1' is LANCE's published variant (a "
+                        "batch factor fixed at calibration). Default: each method's own "
+                        "(lance 0, asi and hosvd 1; docs/core.md)")
     p.add_argument("--radius", type=int, default=d.radius, help="gradient_filter block side R (default 2)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
@@ -139,7 +153,8 @@ def cmd_finetune(args: argparse.Namespace, argv: Optional[Sequence[str]] = None)
             download=args.download, layers=tuple(args.layers), head=args.head, compact=args.compact,
             methods=tuple(args.methods),
             eps=args.eps if args.eps is not None else dict(ASI_PROTOCOL.eps),
-            budget=args.budget or {}, radius=args.radius, epochs=args.epochs,
+            budget=args.budget or {}, compress_batch=args.compress_batch or {},
+            radius=args.radius, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, clip_norm=args.clip_norm or None,
             image_size=args.image_size, flip=not args.no_flip,

@@ -41,7 +41,9 @@ class FinetuneConfig:
     :func:`lance_cl.compact_activations` (exact: BatchNorm, ReLU6, dropout and pooling between the
     fine-tuned layers save compact tensors), so the whole-step columns show both savings.
     ``eps`` / ``budget``: per method (bytes of saved activations over the fine-tuned layers for
-    ``budget``; a budget replaces eps for that method). ``train_limit`` / ``test_limit`` keep the
+    ``budget``; a budget replaces eps for that method). ``compress_batch``: per method, whether
+    the batch mode is compressed too (absent: the method's default, docs/core.md; ``lance=True``
+    is LANCE's published variant, a batch factor fixed at calibration). ``train_limit`` / ``test_limit`` keep the
     first images of a seeded shuffle of each split (None: all).
     """
 
@@ -56,6 +58,7 @@ class FinetuneConfig:
     methods: tuple[str, ...] = METHOD_NAMES
     eps: dict[str, float] = field(default_factory=lambda: {"lance": 0.7, "asi": 0.8, "hosvd": 0.8})
     budget: dict[str, float] = field(default_factory=dict)
+    compress_batch: dict[str, bool] = field(default_factory=dict)
     radius: int = 2                      # gradient_filter block side R
     epochs: int = 50
     batch_size: int = 128
@@ -80,7 +83,8 @@ class FinetuneConfig:
             raise ValueError(f"unknown method(s) {bad or '(none given)'}; choose from "
                              f"{', '.join(METHOD_NAMES)}")
         for what, table, allowed in (("eps", self.eps, EPS_METHODS),
-                                     ("budget", self.budget, BUDGET_METHODS)):
+                                     ("budget", self.budget, BUDGET_METHODS),
+                                     ("compress_batch", self.compress_batch, EPS_METHODS)):
             wrong = [m for m in table if m not in allowed]
             if wrong:
                 raise ValueError(f"{what} given for {wrong}: only {', '.join(allowed)} take {what}")
@@ -119,10 +123,12 @@ def method_options(config: FinetuneConfig, method: str) -> dict[str, Any]:
     """Keyword options ``lance_cl.compress`` gets for ``method`` under ``config``."""
     if method == "gradient_filter":
         return {"radius": config.radius}
+    batch = ({"compress_batch": bool(config.compress_batch[method])}
+             if method in config.compress_batch else {})
     if method in config.budget:
-        return {"budget": float(config.budget[method])}
+        return {"budget": float(config.budget[method]), **batch}
     if method in EPS_METHODS:
-        return {"eps": float(config.eps.get(method, 0.7))}
+        return {"eps": float(config.eps.get(method, 0.7)), **batch}
     return {}
 
 
