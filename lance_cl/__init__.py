@@ -17,7 +17,20 @@ The names are loaded on first use (PEP 562), so that importing a submodule that 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:   # the same names, eagerly, for type checkers and editors
+    from .accounting import layer_flops, measure_activation_memory
+    from .calibration import Calibration
+    from .cl.plugins import GPMPlugin, LanceCLPlugin, SGPPlugin
+    from .compact import CompactReport, compact_activations, compact_report, uncompact_activations
+    from .compressors import (METHODS, CalibrationError, CalibrationStatistics, Compressor,
+                              register_method)
+    from .core.budget import BudgetTooSmallError
+    from .layers import LayerMode
+    from .train_modes import preserved_train_modes
+    from .units import format_bytes
+    from .wrap import CompressionReport, calibrate, compress, report, select_layers, uncompress
 
 __version__ = "0.1.0"
 
