@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from lance_cl.accounting import format_bytes
+from lance_cl.units import format_bytes
 
 from .perf_config import REFERENCE
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import CompressedLayer, compressed_type_for
-from .units import format_bytes
+from .units import format_bytes  # noqa: F401  (its home before lance_cl.units; kept importable)
 
 
 def measure_activation_memory(model: nn.Module, inputs: Any, loss_fn: Callable[[Any], Tensor],

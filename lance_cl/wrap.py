@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .accounting import format_bytes
+from .units import format_bytes
 from .calibration import Calibration, default_forward, default_loss
 from .compressors import method_class
 from .layers import COMPRESSED_LAYERS, CompressedLayer, compressed_type_for

@@ -115,7 +115,8 @@ def test_frozen_part_gets_no_gradient_and_saves_nothing(base):
 # gradient_filter is no rank method: at R=1 it is exact only for 1x1 convs (a k x k kernel sees
 # block means at every offset), so its set is the 1x1 convs and the head.
 @pytest.mark.parametrize("method,options", [
-    ("lance", {"rank": 10**6}), ("lance", {"rank": 10**6, "compress_batch": True}), ("asi", {"eps": 1.0}), ("asi", {"rank": 10**6}),
+    ("lance", {"rank": 10**6}), ("lance", {"rank": 10**6, "compress_batch": True}),
+    ("asi", {"eps": 1.0}), ("asi", {"rank": 10**6}),
     ("hosvd", {"eps": 1.0}), ("gradient_filter", {"radius": 1})])
 def test_full_rank_methods_match_vanilla_weight_gradients_in_float64(base, method, options):
     double = base.double()

@@ -171,8 +171,8 @@ def test_progress_in_a_log_is_whole_lines() -> None:
 
 
 def test_json_safe_gives_plain_python() -> None:
-    got = run_files.json_safe({"t": torch.tensor([1.0, float("inf")]), "n": np.float32(0.5), 3: (Path("a"),),
-                     "v": torch.__version__, "i": np.int64(7)})
+    got = run_files.json_safe({"t": torch.tensor([1.0, float("inf")]), "n": np.float32(0.5),
+                               3: (Path("a"),), "v": torch.__version__, "i": np.int64(7)})
     assert got == {"t": [1.0, None], "n": 0.5, "3": ["a"], "v": str(torch.__version__), "i": 7}
     # torch.__version__ is a str subclass defined by torch: plain str, so that unpickling the
     # value needs no torch (a sweep's driver receives run JSONs this way)

@@ -179,11 +179,6 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
     address = getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
     gpus_per_run = float(getattr(args, "gpus_per_run", 0.0) or 0.0)
     parallel = address is not None or (jobs or 1) > 1
-    if not (parallel and address is None):   # a local instance's worker checks them (below)
-        error = unknown_benchmarks(benchmarks)
-        if error is not None:
-            print(f"lance-cl run: {error}", file=sys.stderr)
-            return 2
     if gpus_per_run > 0 and not str(args.device).startswith("cuda"):
         print(f"lance-cl run: --gpus-per-run {gpus_per_run:g} needs --device cuda (Ray gives each "
               "run its GPU through CUDA_VISIBLE_DEVICES)", file=sys.stderr)
@@ -215,8 +210,9 @@ def cmd_run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> i
 
 def _checked_run(args: argparse.Namespace, benchmarks: list[str], *, jobs: Optional[int],
                  address: Optional[str], gpus_per_run: float, parallel: bool) -> int:
-    """``run`` once its arguments are valid: strategies and data checked, then the runs (in this
-    process, or as Ray tasks when ``parallel``) and the table. Returns the exit status."""
+    """``run`` once its arguments are valid: benchmark and strategy names and the data checked,
+    then the runs (in this process, or as Ray tasks when ``parallel``) and the table. Returns
+    the exit status."""
     check = dict(compact=args.compact, data_root=args.data_root, quick=args.quick,
                  check_data=address is None)   # a cluster's nodes hold their own data sets
     if parallel and address is None:
@@ -280,18 +276,19 @@ def unknown_benchmarks(benchmarks: Sequence[str]) -> Optional[str]:
     or None when there are none."""
     from lance_cl.benchmarks import available_benchmarks
 
-    unknown = [b for b in benchmarks if b not in available_benchmarks()]
+    available = available_benchmarks()
+    unknown = [b for b in benchmarks if b not in available]
     if not unknown:
         return None
-    return f"unknown benchmark {', '.join(map(repr, unknown))}; available: {', '.join(available_benchmarks())}"
+    return f"unknown benchmark {', '.join(map(repr, unknown))}; available: {', '.join(available)}"
 
 
 def check_sweep(benchmarks: Sequence[str], strategies: Sequence[str], *, compact: bool,
                 data_root: Optional[str], quick: bool, check_data: bool = True
                 ) -> tuple[Optional[list[str]], Optional[str]]:
     """Check a sweep before anything trains: every benchmark and strategy name, then
-    (``check_data``) the data sets of every benchmark. Returns (the strategy names to run, with ``compact`` applied, None),
-    or (None, the error message)."""
+    (``check_data``) the data sets of every benchmark. Returns (the strategy names to run, with
+    ``compact`` applied, None), or (None, the error message)."""
     from lance_cl import strategies as recipes
 
     error = unknown_benchmarks(benchmarks)

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..accounting import format_bytes
+from ..units import format_bytes
 from ..cl.run_files import write_json_atomic, write_text_atomic
 
 __all__ = ["load_result", "plot_accuracy_vs_memory", "render_table", "summarize", "write_outputs"]
