@@ -12,9 +12,10 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import lance_cl
-from lance_cl.core.compact import (as_factor, compact_batch_norm, compact_dropout,
-                                   compact_max_pool2d, fast_max_pool2d, masked_activation,
-                                   pack_bits, packed_nbytes, recompute_segment, unpack_bits)
+from lance_cl.core.compact import (compact_batch_norm, compact_dropout, compact_max_pool2d,
+                                   fast_max_pool2d, masked_activation, multiply_by_mask,
+                                   pack_bits, packed_nbytes, recompute_segment, unpack_bits,
+                                   unpack_factor)
 
 
 def saved_storages(fn) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
@@ -74,6 +75,24 @@ def test_masked_activation_matches_autograd(name, ref, spec, inplace):
     assert torch.equal(grads(y, x, g)[0], grads(expected, x, g)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_masked_activation_mask_is_pytorchs_in_every_dtype_and_layout(dtype, layout):
+    """float32 / float64 contiguous inputs are compared by numpy, the rest by PyTorch: both give
+    PyTorch's gradient, bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    base = (torch.randn(6, 5, 4, generator=gen) * 4).to(dtype)
+    base[0, 0, :3] = torch.tensor([0.0, 6.0, -1.5]).to(dtype)
+    g = torch.randn(6, 5, 4, generator=gen).to(dtype)
+    for name, ref, spec in ACTIVATIONS:
+        x = (base.transpose(0, 2) if layout == "transposed" else base).clone().requires_grad_()
+        gx = g.transpose(0, 2) if layout == "transposed" else g
+        y = masked_activation(x * 1, **spec)
+        expected = ref(x * 1)
+        assert torch.equal(y, expected), name
+        assert torch.equal(grads(y, x, gx)[0], grads(expected, x, gx)[0]), name
+
+
 def test_masked_activation_saves_only_bits():
     x = torch.randn(64, 32, requires_grad=True)
     saved = saved_storages(lambda: masked_activation(x * 1.0, "hardtanh"))
@@ -107,6 +126,21 @@ def test_max_pool_matches_autograd(k, s, p, d, ceil):
     assert torch.equal(fast_max_pool2d(x.detach(), k, s, p, d, ceil), expected)   # no-grad path
     g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
     # overlapping windows add in another order than PyTorch's scatter: equal to rounding
+    torch.testing.assert_close(grads(y, x, g)[0], grads(expected, x, g)[0], rtol=1e-15, atol=1e-14)
+
+
+@pytest.mark.parametrize("k,s,p,d,ceil", [(2, None, 0, 1, False), (3, 2, 1, 1, True),
+                                          ((2, 3), 1, 1, 2, False)])
+def test_max_pool_scatter_backward_matches_autograd(monkeypatch, k, s, p, d, ceil):
+    """The backward other devices take (scatter-add of the rebuilt indices), run on a CPU."""
+    from lance_cl.core.compact import pooling
+
+    monkeypatch.setattr(pooling, "_reads_input_shape_only", lambda device: False)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 9, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    expected = F.max_pool2d(x, k, s, p, d, ceil)
+    y = compact_max_pool2d(x, k, s, p, d, ceil)
+    g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(grads(y, x, g)[0], grads(expected, x, g)[0], rtol=1e-15, atol=1e-14)
 
 
@@ -375,12 +409,35 @@ def test_recomputed_layer_names_are_the_recomputed_chains_and_submodules():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_a_mask_as_factor_multiplies_like_the_mask(dtype):
-    x = torch.randn(4, 5, 6).to(dtype)
-    mask = torch.rand(4, 5, 6) > 0.4
-    product = x * as_factor(mask)
-    assert product.dtype == dtype and torch.equal(product, torch.where(mask, x, torch.zeros_like(x)))
-    assert as_factor(mask).data_ptr() == mask.data_ptr()          # a view, no copy
+@pytest.mark.parametrize("on, off", [(1.0, 0.0), (1.0, 0.01), (1.0 / 0.7, 0.0)])
+def test_unpack_factor_is_the_mask_as_on_and_off_values(dtype, on, off):
+    shape = (4, 5, 7)                                            # 140 bits: a partial last byte
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(3)) > 0.4
+    factor = unpack_factor(pack_bits(mask), shape, dtype, on, off)
+    expected = torch.where(mask, torch.tensor(on, dtype=dtype), torch.tensor(off, dtype=dtype))
+    assert factor.dtype == dtype and factor.shape == shape and torch.equal(factor, expected)
+    x = torch.randn(shape).to(dtype)
+    # the in-place product the backward uses is the plain product with the values
+    assert torch.equal(factor.clone().mul_(x), x * expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("on, off", [(1.0, 0.0), (1.0, 0.01), (1.0 / 0.9, 0.0)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_multiply_by_mask_rounds_as_pytorchs_product_by_a_scalar(dtype, on, off, inplace):
+    """t * on where the mask is set, t * off elsewhere, each rounded once in t's dtype, the way
+    PyTorch rounds ``t * scalar`` (in float32 for half and bfloat16)."""
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randn(3, 4, 11, generator=gen).to(dtype)
+    mask = torch.rand(3, 4, 11, generator=gen) > 0.5
+    expected = torch.where(mask, t * on, t * off)
+    source = t.clone()
+    out = multiply_by_mask(source, pack_bits(mask), mask.shape, on, off, inplace=inplace)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    assert (out.data_ptr() == source.data_ptr()) is inplace
+    per_channel = mask[:, :, :1]                                 # broadcast against t
+    out = multiply_by_mask(t, pack_bits(per_channel), per_channel.shape, on, off)
+    assert out.dtype == dtype and torch.equal(out, torch.where(per_channel, t * on, t * off))
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -391,11 +448,12 @@ def test_apply_keep_mask_is_the_masked_product_scaled_by_the_keep_probability(in
     mask = torch.rand(3, 4, 5) > 0.3
     expected = t * mask.double() / 0.75
     source = t.clone()
-    out = apply_keep_mask(source, mask, 0.25, inplace=inplace)
+    out = apply_keep_mask(source, pack_bits(mask), mask.shape, 0.25, inplace=inplace)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
     assert (out.data_ptr() == source.data_ptr()) is inplace
     per_channel = torch.rand(3, 4, 1) > 0.5                      # broadcast (Dropout2d's shape)
-    torch.testing.assert_close(apply_keep_mask(t, per_channel, 0.5), t * per_channel.double() * 2)
+    torch.testing.assert_close(apply_keep_mask(t, pack_bits(per_channel), per_channel.shape, 0.5),
+                               t * per_channel.double() * 2)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 0.9])

@@ -74,3 +74,26 @@ def test_cuda_measured_memory_and_peak():
     lance_cl.calibrate(model, [torch.randn(128, 256, device=DEV)], progress=False)
     stats = lance_cl.measure_activation_memory(model, x, lambda o: o.sum())
     assert stats["selected"] == sum(r.bytes_after for r in lance_cl.report(model))
+
+
+@pytest.mark.parametrize("k,s,p,ceil", [(2, None, 0, False), (3, 2, 1, True)])
+def test_cuda_compact_ops_give_autograds_gradients(k, s, p, ceil):
+    """The compact activation, max-pool (the scatter backward) and dropout on CUDA."""
+    from lance_cl.core.compact import compact_dropout, compact_max_pool2d, masked_activation
+
+    x = torch.randn(2, 3, 9, 11, device=DEV, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 9, 11, device=DEV, dtype=torch.float64)
+    y = masked_activation(x * 1, "hardtanh", 0.0, 6.0)
+    expected = F.relu6(x * 1)
+    assert torch.equal(y, expected)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(expected, x, g)[0])
+    y = compact_max_pool2d(x, k, s, p, 1, ceil)
+    expected = F.max_pool2d(x, k, s, p, 1, ceil)
+    go = torch.randn(expected.shape, device=DEV, dtype=torch.float64)
+    assert torch.equal(y, expected)
+    torch.testing.assert_close(torch.autograd.grad(y, x, go)[0],
+                               torch.autograd.grad(expected, x, go)[0], rtol=1e-15, atol=1e-14)
+    y = compact_dropout(x, 0.3, seed=7)
+    mask = y.detach() != 0
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, g * mask / 0.7, rtol=1e-15, atol=0)

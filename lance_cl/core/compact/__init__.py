@@ -18,7 +18,7 @@ segment                                                    also the tail's masks
 from .activation import MaskedActivationFunction, masked_activation
 from .batchnorm import STORAGES as BATCH_NORM_STORAGES
 from .batchnorm import CompactBatchNormFunction, compact_batch_norm
-from .bitpack import as_factor, pack_bits, packed_nbytes, unpack_bits
+from .bitpack import multiply_by_mask, pack_bits, packed_nbytes, unpack_bits, unpack_factor
 from .dropout import MODES as DROPOUT_MODES
 from .dropout import CompactDropoutFunction, compact_dropout, keep_mask
 from .pooling import CompactMaxPool2dFunction, compact_max_pool2d, fast_max_pool2d
@@ -28,5 +28,5 @@ from .recompute import recompute_segment
 __all__ = ["MaskedActivationFunction", "masked_activation", "CompactBatchNormFunction",
            "compact_batch_norm", "BATCH_NORM_STORAGES", "CompactDropoutFunction", "compact_dropout",
            "keep_mask", "DROPOUT_MODES", "CompactMaxPool2dFunction", "compact_max_pool2d",
-           "fast_max_pool2d", "as_factor", "pack_bits", "unpack_bits", "packed_nbytes",
-           "recompute_segment", "SEGMENT_TAILS"]
+           "fast_max_pool2d", "pack_bits", "unpack_bits", "unpack_factor", "multiply_by_mask",
+           "packed_nbytes", "recompute_segment", "SEGMENT_TAILS"]

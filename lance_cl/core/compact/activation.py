@@ -8,24 +8,41 @@ PyTorch's convention at the kinks (derivative 0 exactly at the thresholds, Leaky
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .bitpack import as_factor, pack_bits, unpack_bits
+from .bitpack import multiply_by_mask, pack_bits
+
+
+_NUMPY_COMPARABLE = (torch.float32, torch.float64)
+
+
+def _compare(x: Tensor, op: str, value: float) -> Tensor:
+    """``x > value`` (op "greater") or ``x < value`` ("less") as a bool tensor of x's shape.
+
+    On a CPU, float32 / float64 contiguous tensors are compared by numpy into a tensor PyTorch
+    allocates: the same result (numpy, like PyTorch, compares in x's dtype), about 8x faster
+    than PyTorch's CPU comparison into bool (docs/memory.md)."""
+    if x.device.type == "cpu" and x.dtype in _NUMPY_COMPARABLE and x.is_contiguous():
+        out = torch.empty(x.shape, dtype=torch.bool)
+        getattr(np, op)(x.detach().numpy(), value, out=out.numpy())
+        return out
+    return x > value if op == "greater" else x < value
 
 
 def _forward(x: Tensor, kind: str, a: float, b: float, inplace: bool) -> tuple[Tensor, Tensor]:
     """(output, mask of the region where the derivative is 1), computed before any in-place write."""
     if kind == "leaky_relu":
-        mask = x > 0
+        mask = _compare(x, "greater", 0.0)
         y = F.leaky_relu(x, a, inplace=inplace)
     elif b == float("inf"):  # hardtanh family: relu is (0, inf), relu6 is (0, 6)
-        mask = x > a
+        mask = _compare(x, "greater", a)
         y = F.relu(x, inplace=inplace) if a == 0.0 else F.hardtanh(x, a, b, inplace=inplace)
     else:
-        mask = (x > a) & (x < b)
+        mask = _compare(x, "greater", a).logical_and_(_compare(x, "less", b))
         y = F.hardtanh(x, a, b, inplace=inplace)
     return y, mask
 
@@ -55,11 +72,7 @@ class MaskedActivationFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor, _grad_packed):
         (packed,) = ctx.saved_tensors
-        mask = unpack_bits(packed, ctx.shape)
-        if ctx.slope_outside == 0.0:
-            grad = grad_output * as_factor(mask)
-        else:
-            grad = torch.where(mask, grad_output, grad_output * ctx.slope_outside)
+        grad = multiply_by_mask(grad_output, packed, ctx.shape, 1.0, ctx.slope_outside)
         return grad, None, None, None, None
 
 

@@ -52,6 +52,7 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .activation import masked_activation
+from .bitpack import pack_bits
 from .dropout import apply_keep_mask, compact_dropout, draw_seed, keep_mask
 from .pooling import compact_max_pool2d
 
@@ -159,7 +160,12 @@ def _dropout(u: Tensor, module: nn.Module, seed: int, keep: bool = False) -> Ten
     shape = u.shape if isinstance(module, nn.Dropout) else u.shape[:2] + (1,) * (u.dim() - 2)
     if keep:
         return compact_dropout(u, p, "packed", seed=seed, mask_shape=shape)
-    return apply_keep_mask(u, keep_mask(shape, p, seed, u.device), p)
+    mask = keep_mask(shape, p, seed, u.device)
+    if torch.is_grad_enabled() and u.requires_grad:
+        # the recomputed tail's graph: autograd keeps a product's other factor, here the mask's
+        # uint8 bytes (1 byte per element) rather than a float factor (4)
+        return torch.mul(u, mask.view(torch.uint8)).mul_(1.0 / (1.0 - p))
+    return apply_keep_mask(u, pack_bits(mask), shape, p)
 
 
 def chunk_seed(seed: int, chunk: int) -> int:

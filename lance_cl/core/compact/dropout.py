@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .bitpack import as_factor, pack_bits, unpack_bits
+from .bitpack import multiply_by_mask, pack_bits
 
 MODES = ("packed", "regenerate")
 _CHUNK = 1 << 20
@@ -56,12 +56,12 @@ def keep_mask(shape: Sequence[int], p: float, seed: int, device: torch.device) -
     return mask
 
 
-def apply_keep_mask(t: Tensor, mask: Tensor, p: float, inplace: bool = False) -> Tensor:
-    """t * mask / (1 - p): dropout's forward on x, and its backward on grad_output. mask: bool,
-    broadcastable against t."""
-    factor = as_factor(mask)
-    out = t.mul_(factor) if inplace else torch.mul(t, factor)
-    return out.mul_(1.0 / (1.0 - p))
+def apply_keep_mask(t: Tensor, packed: Tensor, mask_shape: Sequence[int], p: float,
+                    inplace: bool = False) -> Tensor:
+    """t * mask / (1 - p) with mask = ``unpack_bits(packed, mask_shape)`` (broadcastable against
+    t): dropout's forward on x, and its backward on grad_output, in one pass
+    (:func:`~lance_cl.core.compact.bitpack.multiply_by_mask`)."""
+    return multiply_by_mask(t, packed, mask_shape, on=1.0 / (1.0 - p), inplace=inplace)
 
 
 def draw_seed() -> int:
@@ -80,9 +80,10 @@ class CompactDropoutFunction(torch.autograd.Function):
     def forward(x: Tensor, p: float, mode: str, inplace: bool, seed: Optional[int],
                 mask_shape: Optional[Sequence[int]]) -> tuple[Tensor, Tensor]:
         seed = draw_seed() if seed is None else int(seed)
-        mask = keep_mask(x.shape if mask_shape is None else mask_shape, p, seed, x.device)
-        y = apply_keep_mask(x, mask, p, inplace)
-        saved = torch.tensor([seed], dtype=torch.int64) if mode == "regenerate" else pack_bits(mask)
+        shape = x.shape if mask_shape is None else mask_shape
+        packed = pack_bits(keep_mask(shape, p, seed, x.device))
+        y = apply_keep_mask(x, packed, shape, p, inplace)
+        saved = torch.tensor([seed], dtype=torch.int64) if mode == "regenerate" else packed
         return y, saved
 
     @staticmethod
@@ -101,10 +102,10 @@ class CompactDropoutFunction(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor, _grad_saved):
         (saved,) = ctx.saved_tensors
         if ctx.mode == "regenerate":
-            mask = keep_mask(ctx.shape, ctx.p, int(saved[0]), ctx.device)
+            packed = pack_bits(keep_mask(ctx.shape, ctx.p, int(saved[0]), ctx.device))
         else:
-            mask = unpack_bits(saved, ctx.shape)
-        return apply_keep_mask(grad_output, mask, ctx.p), None, None, None, None, None
+            packed = saved
+        return apply_keep_mask(grad_output, packed, ctx.shape, ctx.p), None, None, None, None, None
 
 
 def compact_dropout(x: Tensor, p: float, mode: str = "packed", inplace: bool = False,

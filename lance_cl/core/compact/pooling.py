@@ -7,12 +7,15 @@ every common pool, one byte per output (int16 / int32 for larger windows). The f
 PyTorch's own kernel (so the maxima and the tie-breaking are PyTorch's); its flat index minus the
 flat index of the window's origin is ``ki * dh * W + kj * dw``, from which the offset
 ``ki * kw + kj`` follows with a few comparisons (no integer division, which CPUs do not
-vectorise). The backward rebuilds the flat indices with one table look-up and scatter-adds
-grad_output, which is what PyTorch's own backward does (overlapping windows add up).
+vectorise). The backward rebuilds the flat indices with one table look-up and hands them to
+PyTorch's own max-pool backward (on a CPU; it reads only the shape of its input argument, so a
+zero-stride placeholder stands in for x), or scatter-adds grad_output, which is what that kernel
+does (overlapping windows add up), on other devices, whose kernels may copy the input argument.
 
 On a CPU the forward runs PyTorch's kernel on a channels-last copy of x: the same maxima and
 indices (the windows are scanned in the same order), 2.5-4x faster than on (B, C, H, W) memory
-for AlexNet-5's pools, copy included (docs/memory.md).
+for AlexNet-5's pools, copy included; the offsets are computed on the channels-last indices and
+only the uint8 result is made contiguous (docs/memory.md).
 """
 from __future__ import annotations
 
@@ -39,8 +42,10 @@ def _origins(out_hw: Sequence[int], in_w: int, stride, padding, device) -> Tenso
 
 def _steps(t: Tensor, step: int, count: int, dtype: torch.dtype) -> Tensor:
     """Number of j in 1..count-1 with t >= j * step: t // step for 0 <= t < count * step."""
-    out = torch.zeros(t.shape, dtype=dtype, device=t.device)
-    for j in range(1, count):
+    if count == 1:
+        return torch.zeros_like(t, dtype=dtype)
+    out = (t >= step).to(dtype)                               # t's memory format kept
+    for j in range(2, count):
         out += t >= j * step
     return out
 
@@ -51,16 +56,18 @@ def indices_to_offsets(indices: Tensor, in_w: int, kernel, stride, padding, dila
     delta = indices - _origins(indices.shape[-2:], in_w, stride, padding, indices.device)
     row_step = dilation[0] * in_w
     ki = _steps(delta, row_step, kernel[0], dtype)
-    col = delta - ki.long() * row_step                       # kj * dw
+    col = delta.sub_(ki.long(), alpha=row_step)               # kj * dw
     kj = col.to(dtype) if dilation[1] == 1 else _steps(col, dilation[1], kernel[1], dtype)
-    return ki * kernel[1] + kj
+    return kj.add_(ki, alpha=kernel[1])
 
 
 def offsets_to_indices(offsets: Tensor, in_w: int, kernel, stride, padding, dilation) -> Tensor:
     """Inverse of :func:`indices_to_offsets`: (B, C, Ho, Wo) offsets -> int64 flat indices."""
     k = torch.arange(kernel[0] * kernel[1], device=offsets.device)
     shift = (k // kernel[1]) * dilation[0] * in_w + (k % kernel[1]) * dilation[1]
-    return _origins(offsets.shape[-2:], in_w, stride, padding, offsets.device) + shift[offsets.long()]
+    # index_select with int32 indices: several times faster than advanced indexing on a CPU
+    delta = shift.index_select(0, offsets.reshape(-1).int()).view(offsets.shape)
+    return delta.add_(_origins(offsets.shape[-2:], in_w, stride, padding, offsets.device))
 
 
 def _channels_last_on_cpu(x: Tensor) -> Tensor:
@@ -72,10 +79,11 @@ def _channels_last_on_cpu(x: Tensor) -> Tensor:
 def max_pool2d_with_indices(x: Tensor, kernel, stride, padding, dilation,
                             ceil_mode: bool) -> tuple[Tensor, Tensor]:
     """``F.max_pool2d(..., return_indices=True)``, on a CPU through channels-last memory (the
-    same values and indices, faster). x: (B, C, H, W) -> (y, int64 indices), both contiguous."""
+    same values and indices, faster). x: (B, C, H, W) -> (y contiguous, int64 indices in the
+    memory format of the computation: channels-last on a CPU)."""
     y, idx = F.max_pool2d(_channels_last_on_cpu(x), kernel, stride, padding, dilation, ceil_mode,
                           return_indices=True)
-    return y.contiguous(), idx.contiguous()
+    return y.contiguous(), idx
 
 
 def fast_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
@@ -86,21 +94,29 @@ def fast_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
                         ceil_mode).contiguous()
 
 
+def _reads_input_shape_only(device: torch.device) -> bool:
+    """True where PyTorch's max-pool backward reads only the shape of its input argument (its
+    CPU kernel), so that a zero-stride placeholder can stand in for x."""
+    return device.type == "cpu"
+
+
 class CompactMaxPool2dFunction(torch.autograd.Function):
     """max_pool2d(x). x: (B, C, H, W) -> y: (B, C, Ho, Wo); saves offsets (B, C, Ho, Wo) uint8."""
 
     @staticmethod
     def forward(x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool):
         y, idx = max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
-        return y, indices_to_offsets(idx, x.shape[-1], kernel, stride, padding, dilation)
+        offsets = indices_to_offsets(idx, x.shape[-1], kernel, stride, padding, dilation)
+        return y, offsets.contiguous()
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, kernel, stride, padding, dilation, _ = inputs
+        x, kernel, stride, padding, dilation, ceil_mode = inputs
         _, offsets = output
         ctx.mark_non_differentiable(offsets)
         ctx.save_for_backward(offsets)
         ctx.geometry = (kernel, stride, padding, dilation)
+        ctx.ceil_mode = ceil_mode
         ctx.x_shape = tuple(x.shape)
 
     @staticmethod
@@ -109,6 +125,13 @@ class CompactMaxPool2dFunction(torch.autograd.Function):
         (offsets,) = ctx.saved_tensors
         b, c, h, w = ctx.x_shape
         idx = offsets_to_indices(offsets, w, *ctx.geometry)
+        if _reads_input_shape_only(grad_output.device):
+            kernel, stride, padding, dilation = ctx.geometry
+            shape_only = grad_output.new_empty(1).expand(ctx.x_shape)
+            grad = torch.ops.aten.max_pool2d_with_indices_backward(
+                grad_output.contiguous(), shape_only, kernel, stride, padding, dilation,
+                ctx.ceil_mode, idx)
+            return grad, None, None, None, None, None
         grad = grad_output.new_zeros(b * c, h * w)
         grad.scatter_add_(1, idx.reshape(b * c, -1), grad_output.reshape(b * c, -1))
         return grad.view(b, c, h, w), None, None, None, None, None
