@@ -374,6 +374,13 @@ def test_lance_recipe_takes_its_training_rule_from_the_benchmark():
 
     for defaults in (CIFAR10_DEFAULTS, CIFAR100_DEFAULTS):
         assert plugin_of(defaults).calibration_batches == 4
+    # split_digits' tiny layers train in 97 % of the residual energy, uncapped (docs/memory.md,
+    # section 6): every rank up to the fan-in is allowed
+    from lance_cl.benchmarks.registry import DIGITS_DEFAULTS
+
+    digits = plugin_of(DIGITS_DEFAULTS)
+    assert digits.train_energy == 0.97 and [digits.rank_cap(d) for d in (9, 72)] == [9, 72]
+    assert digits.small_layer_dim == 0
 
 
 def test_heads_are_never_protected_whatever_they_are_called():
