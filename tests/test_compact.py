@@ -46,6 +46,11 @@ def test_pack_bits_round_trip_and_size(shape):
     # bit i of byte k is element 8k + i, by hand for the first byte
     first = mask.reshape(-1)[:8].tolist()
     assert int(packed[0]) == sum(1 << i for i, b in enumerate(first) if b)
+    # the CPU's numpy packing and the multiply-gather other devices use give the same bytes
+    from lance_cl.core.compact.bitpack import _pack_by_multiply
+
+    assert torch.equal(_pack_by_multiply(mask), packed)
+    assert torch.equal(pack_bits(mask.transpose(0, -1)), _pack_by_multiply(mask.transpose(0, -1)))
 
 
 # -- activations -------------------------------------------------------------------------------------

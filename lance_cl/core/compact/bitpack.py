@@ -4,12 +4,14 @@ Packing reads eight bools (one byte each, 0 or 1) as one int64 and gathers their
 the top byte with one multiply (the 0x0102...80 constant puts bit b_i at position 56 + i, and no
 two partial products overlap). Unpacking looks up each byte in a 256-entry table of eight bools
 with ``index_select`` and int32 indices (on a CPU about 4x faster than indexing the table with an
-int64 tensor, which goes through advanced indexing; docs/memory.md).
+int64 tensor, which goes through advanced indexing; docs/memory.md). On a CPU, packing is
+numpy's ``packbits`` instead, which gives the same bytes.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,7 +37,21 @@ def _unpack_table(device: torch.device) -> Tensor:
 
 
 def pack_bits(mask: Tensor) -> Tensor:
-    """mask: bool tensor of any shape -> uint8 (ceil(numel / 8),), bit i of byte k = element 8k + i."""
+    """mask: bool tensor of any shape -> uint8 (ceil(numel / 8),), bit i of byte k = element 8k + i.
+
+    On a CPU numpy's ``packbits`` (little bit order: the same layout) does it about 3x faster;
+    its result is copied into a tensor PyTorch allocates, so that the bytes show in PyTorch's
+    memory accounting (a step's measured peak, docs/memory.md)."""
+    if mask.device.type == "cpu":
+        bits = np.packbits(mask.detach().reshape(-1).numpy(), bitorder="little")
+        packed = torch.empty(bits.shape, dtype=torch.uint8)
+        packed.numpy()[...] = bits
+        return packed
+    return _pack_by_multiply(mask)
+
+
+def _pack_by_multiply(mask: Tensor) -> Tensor:
+    """:func:`pack_bits` on any device, by the one-multiply gather of the module docstring."""
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
