@@ -9,6 +9,7 @@ numpy's ``packbits`` instead, which gives the same bytes.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -62,16 +63,20 @@ def _pack_by_multiply(mask: Tensor) -> Tensor:
 
 def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
     """Inverse of :func:`pack_bits`: uint8 (ceil(numel / 8),) -> bool tensor of ``shape``."""
-    numel = 1
-    for n in shape:
-        numel *= int(n)
     words = _unpack_table(packed.device).index_select(0, packed.int())
-    return words.view(torch.uint8).view(torch.bool)[:numel].view(tuple(shape))
+    return words.view(torch.uint8).view(torch.bool)[:_numel(shape)].view(tuple(shape))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(int(n) for n in shape)
 
 
 def packed_nbytes(numel: int) -> int:
     """Bytes :func:`pack_bits` uses for a mask of ``numel`` elements."""
     return (int(numel) + 7) // 8
+
+
+_FACTOR_TABLES: dict[tuple, Tensor] = {}
 
 
 def _factor_table(device: torch.device, dtype: torch.dtype, on: float, off: float) -> Tensor:
@@ -88,9 +93,6 @@ def _factor_table(device: torch.device, dtype: torch.dtype, on: float, off: floa
     return table
 
 
-_FACTOR_TABLES: dict[tuple, Tensor] = {}
-
-
 def unpack_factor(packed: Tensor, shape: Sequence[int], dtype: torch.dtype, on: float = 1.0,
                   off: float = 0.0) -> Tensor:
     """The mask :func:`unpack_bits` gives, as a new tensor of ``dtype`` and ``shape`` holding
@@ -99,11 +101,8 @@ def unpack_factor(packed: Tensor, shape: Sequence[int], dtype: torch.dtype, on: 
     A backward multiplies grad_output by it in place: one table look-up and one same-dtype
     product, where multiplying by the bool mask (or its uint8 bytes) makes PyTorch convert the
     mask to the float type first, a third pass over the tensor (docs/memory.md)."""
-    numel = 1
-    for n in shape:
-        numel *= int(n)
     table = _factor_table(packed.device, dtype, on, off)
-    return table.index_select(0, packed.int()).view(-1)[:numel].view(tuple(shape))
+    return table.index_select(0, packed.int()).view(-1)[:_numel(shape)].view(tuple(shape))
 
 
 _REDUCED = (torch.float16, torch.bfloat16)
